@@ -1,0 +1,3 @@
+"""edge-runtime: on-device inference for portable ultrasound and X-ray scanners."""
+
+__version__ = "0.1.0"

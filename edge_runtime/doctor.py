@@ -1,0 +1,150 @@
+"""`edge-runtime doctor`: what a field technician checks after installing or moving a device."""
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from typing import Any
+
+from edge_runtime.config import Config
+from edge_runtime.errors import EdgeError
+from edge_runtime.registry import ModelRegistry, verify_variant
+
+# Transfer syntaxes a scanner or detector is likely to send, by name.
+TRANSFER_SYNTAXES = (
+    "ExplicitVRLittleEndian", "ImplicitVRLittleEndian", "DeflatedExplicitVRLittleEndian", "RLELossless",
+    "JPEGBaseline8Bit", "JPEGExtended12Bit", "JPEGLossless", "JPEGLosslessSV1", "JPEGLSLossless",
+    "JPEGLSNearLossless", "JPEG2000Lossless", "JPEG2000", "HTJ2KLossless", "HTJ2K",
+)
+PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "numpy", "opencv-python-headless", "pydicom",
+            "pylibjpeg-openjpeg", "pylibjpeg-rle", "python-gdcm", "imagecodecs", "pillow", "pynetdicom", "paho-mqtt",
+            "prometheus-client", "cryptography")
+
+
+def _check(name: str, status: str, detail: str) -> dict[str, str]:
+    return {"name": name, "status": status, "detail": detail}
+
+
+def system_checks(config: Config) -> list[dict[str, str]]:
+    checks = [_check("platform", "ok", f"{platform.platform()}, Python {platform.python_version()}, {os.cpu_count()} CPUs")]
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {importlib.metadata.version(pkg)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    checks.append(_check("packages", "ok", ", ".join(versions)))
+    state = config.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+        probe = state / ".doctor-probe"
+        probe.write_text("ok")
+        probe.unlink()
+        checks.append(_check("state directory", "ok", f"{state} writable"))
+    except OSError as exc:
+        checks.append(_check("state directory", "fail", f"{state} not writable ({exc.strerror})"))
+    return checks
+
+
+def engine_checks() -> list[dict[str, str]]:
+    from edge_runtime.engines import KINDS, available_devices, resolve_auto
+
+    checks = []
+    for kind in KINDS:
+        try:
+            devices = available_devices(kind)
+            checks.append(_check(kind, "ok", "devices: " + ", ".join(devices)))
+        except ImportError as exc:
+            checks.append(_check(kind, "warn", f"not installed ({exc})"))
+        except Exception as exc:
+            checks.append(_check(kind, "fail", f"failed to enumerate devices ({exc})"))
+    try:
+        checks.append(_check("auto", "ok", f"engine 'auto' selects {resolve_auto()}"))
+    except EdgeError as exc:
+        checks.append(_check("auto", "fail", exc.reason))
+    return checks
+
+
+def decoder_checks() -> list[dict[str, str]]:
+    import pydicom.pixels
+    import pydicom.uid
+
+    checks = []
+    for name in TRANSFER_SYNTAXES:
+        uid = getattr(pydicom.uid, name)
+        try:
+            decoder = pydicom.pixels.get_decoder(uid)
+        except NotImplementedError:
+            checks.append(_check(uid.name, "warn", "no decoder"))
+            continue
+        plugins = list(decoder.available_plugins)
+        if uid == pydicom.uid.JPEGExtended12Bit:
+            try:
+                import imagecodecs  # noqa: F401
+
+                plugins.append("imagecodecs (12-bit)")
+            except ImportError:
+                pass
+        if decoder.is_native or plugins:
+            checks.append(_check(uid.name, "ok", ", ".join(plugins) if plugins else "built in"))
+        else:
+            checks.append(_check(uid.name, "warn", "no decoder plugin installed"))
+    return checks
+
+
+def model_checks(config: Config, registry: ModelRegistry, load_models: bool) -> list[dict[str, str]]:
+    from edge_runtime.cli import engine_options
+    from edge_runtime.engines import available_devices, load_engine
+
+    checks = []
+    names = registry.names()
+    if not names:
+        return [_check("models", "fail", f"no models found in {', '.join(map(str, registry.roots))}")]
+    for name in names:
+        try:
+            manifest = registry.get(name)
+        except EdgeError as exc:
+            checks.append(_check(name, "fail", str(exc)))
+            continue
+        signed = "signature verified" if registry.public_key else "signature not enforced (no public key configured)"
+        checks.append(_check(name, "ok", f"v{manifest.version} {manifest.task}, manifest valid, {signed}"))
+        for variant in manifest.variants:
+            label = f"{name}/{variant.id}"
+            try:
+                verify_variant(manifest, variant)
+            except EdgeError as exc:
+                checks.append(_check(label, "fail", exc.reason))
+                continue
+            detail = f"sha256 ok ({variant.sha256[:12]}...)"
+            status = "ok"
+            if load_models:
+                loaded = []
+                for kind in variant.engines:
+                    try:
+                        available_devices(kind)
+                    except ImportError:
+                        continue
+                    try:
+                        options = engine_options(config, kind)
+                        engine = load_engine(kind, variant.path, manifest.input.shape, options)
+                        loaded.append(f"{kind} on {engine.device} ({engine.load_ms:.0f} ms)")
+                        engine.close()
+                    except EdgeError as exc:
+                        status = "fail"
+                        loaded.append(f"{kind} FAILED: {exc.reason}")
+                detail += "; loads: " + "; ".join(loaded)
+            checks.append(_check(label, status, detail))
+    return checks
+
+
+def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True) -> dict[str, Any]:
+    sections = [
+        {"title": "System", "checks": system_checks(config)},
+        {"title": "Engines and devices", "checks": engine_checks()},
+        {"title": "DICOM decoders", "checks": decoder_checks()},
+        {"title": "Models", "checks": model_checks(config, registry, load_models)},
+    ]
+    failures = [c for s in sections for c in s["checks"] if c["status"] == "fail"]
+    warnings = [c for s in sections for c in s["checks"] if c["status"] == "warn"]
+    summary = f"{len(failures)} problem(s), {len(warnings)} warning(s)" if failures else f"all checks passed ({len(warnings)} warning(s))"
+    return {"ok": not failures, "summary": summary, "sections": sections}

@@ -1,0 +1,72 @@
+"""Segmentation head: head mask -> ellipse -> circumference (mm) -> gestational age (Hadlock)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from edge_runtime.heads import HeadResult
+from edge_runtime.heads.geometry import hadlock_ga_weeks, segment_ellipse
+from edge_runtime.imaging.preprocess import ResizeGeometry
+from edge_runtime.registry import ModelManifest
+
+CONTOUR_POINTS = 32  # enough to redraw the ellipse at the hub, small enough for a finding
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -60, 60)))
+
+
+class SegmentationHead:
+    task = "segmentation"
+
+    def __init__(self, manifest: ModelManifest) -> None:
+        assert manifest.segmentation is not None
+        self.spec = manifest.segmentation
+        self.activation = manifest.output.activation
+
+    def __call__(
+        self,
+        output: np.ndarray,
+        *,
+        geometry: ResizeGeometry,
+        image_hw: tuple[int, int],
+        pixel_spacing_mm: tuple[float, float] | None,
+        **_,
+    ) -> HeadResult:
+        logits = np.asarray(output, dtype=np.float32)
+        logits = logits.reshape(logits.shape[-2:])
+        prob = sigmoid(logits) if self.activation == "sigmoid" else logits
+        ellipse, component = segment_ellipse(prob, geometry, image_hw, pixel_spacing_mm, self.spec.threshold)
+        area_fraction = float(component.sum()) / float(image_hw[0] * image_hw[1]) if ellipse else 0.0
+        if ellipse is None or area_fraction < self.spec.min_area_fraction:
+            result = {"detected": False, "measurements": {}, "note": "no fetal head found in the frame"}
+            return HeadResult(self.task, result, "routine")
+        measurements: dict[str, float | None] = {}
+        notes = []
+        if pixel_spacing_mm is None:
+            measurements["head_circumference_mm"] = None
+            notes.append("no pixel spacing in the input: circumference in mm needs --pixel-spacing or a calibrated source")
+        else:
+            hc = ellipse.circumference_mm
+            measurements["head_circumference_mm"] = round(hc, 1)
+            if self.spec.gestational_age == "hadlock-1984-hc":
+                ga = hadlock_ga_weeks(hc)
+                measurements["gestational_age_weeks"] = None if ga is None else round(ga, 1)
+                if ga is None:
+                    notes.append("head circumference outside Hadlock's 14-42 week range: no gestational age")
+        (cx, cy), (d1, d2) = ellipse.center_px, ellipse.axes_px
+        poly = cv2.ellipse2Poly((int(round(cx)), int(round(cy))), (int(round(d1 / 2)), int(round(d2 / 2))),
+                                int(round(ellipse.angle_deg)), 0, 360, 360 // CONTOUR_POINTS)
+        result = {
+            "detected": True,
+            "measurements": measurements,
+            "ellipse": {
+                "center_px": [round(cx, 1), round(cy, 1)],
+                "axes_px": [round(d1, 1), round(d2, 1)],
+                "angle_deg": round(ellipse.angle_deg, 1),
+            },
+            "contour": poly.tolist(),
+        }
+        if notes:
+            result["note"] = "; ".join(notes)
+        return HeadResult(self.task, result, "routine")

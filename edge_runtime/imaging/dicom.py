@@ -1,0 +1,291 @@
+"""DICOM decoding to display images.
+
+A DICOM file becomes a sequence of uint8 display frames (gray HxW or RGB HxWx3) the way a viewer would show
+them: modality LUT, VOI LUT or window, MONOCHROME1 inversion, palette and YBR colour to RGB. The size guard
+runs on the header before any pixel buffer is allocated. Frames are decoded one at a time so a long cine
+never sits in memory whole.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, UID
+
+from edge_runtime.errors import InputError
+
+DEFAULT_MAX_PIXEL_BYTES = 1 << 30  # 1 GiB of decoded pixels per input
+_JPEG_8_12 = (JPEGBaseline8Bit, JPEGExtended12Bit)
+
+
+@dataclass(frozen=True)
+class DicomMeta:
+    """What the pipeline needs from a DICOM header. Identifiers here are the originals: pseudonymise
+    them (imaging.deid) before anything leaves the device."""
+
+    modality: str
+    sop_class_uid: str
+    transfer_syntax: str
+    rows: int
+    cols: int
+    frames: int
+    samples_per_pixel: int
+    photometric: str
+    bits_allocated: int
+    bits_stored: int
+    pixel_spacing_mm: tuple[float, float] | None  # (row, column)
+    spacing_source: str | None
+    frame_time_ms: float | None
+    study_uid: str = ""
+    series_uid: str = ""
+    instance_uid: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def pixel_bytes(self) -> int:
+        return self.rows * self.cols * self.frames * self.samples_per_pixel * max(1, self.bits_allocated // 8)
+
+
+def _positive_pair(value) -> tuple[float, float] | None:
+    try:
+        row, col = float(value[0]), float(value[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+    return (row, col) if row > 0 and col > 0 else None
+
+
+def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
+    """(row, column) spacing in mm and where it came from, or (None, None).
+
+    PixelSpacing (patient plane) wins over ImagerPixelSpacing (detector plane, no magnification correction).
+    Ultrasound images carry spacing per region: use the 2D region with physical units of cm that covers the
+    most pixels.
+    """
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        pair = _positive_pair(ds.get(keyword))
+        if pair:
+            return pair, keyword
+    best: tuple[int, tuple[float, float]] | None = None
+    for region in ds.get("SequenceOfUltrasoundRegions", []):
+        # Units code 3 = cm (PS3.3 C.8.5.5.1.15); spatial format 1 = 2D.
+        if region.get("PhysicalUnitsXDirection") != 3 or region.get("PhysicalUnitsYDirection") != 3:
+            continue
+        if region.get("RegionSpatialFormat", 1) != 1:
+            continue
+        dx, dy = region.get("PhysicalDeltaX"), region.get("PhysicalDeltaY")
+        if not dx or not dy or dx <= 0 or dy <= 0:
+            continue
+        area = (int(region.get("RegionLocationMaxX1", 0)) - int(region.get("RegionLocationMinX0", 0))) * (
+            int(region.get("RegionLocationMaxY1", 0)) - int(region.get("RegionLocationMinY0", 0))
+        )
+        if best is None or area > best[0]:
+            best = (area, (abs(float(dy)) * 10.0, abs(float(dx)) * 10.0))
+    if best:
+        return best[1], "SequenceOfUltrasoundRegions"
+    return None, None
+
+
+def _frame_time_ms(ds: Dataset) -> float | None:
+    for keyword in ("FrameTime",):
+        value = ds.get(keyword)
+        if value:
+            return float(value)
+    for keyword in ("CineRate", "RecommendedDisplayFrameRate"):
+        value = ds.get(keyword)
+        if value:
+            return 1000.0 / float(value)
+    return None
+
+
+class DicomImage:
+    """One DICOM file opened for frame-by-frame display decoding."""
+
+    def __init__(self, path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> None:
+        self.path = Path(path)
+        self.name = str(path)
+        try:
+            self.ds = pydicom.dcmread(self.path)
+        except InvalidDicomError:
+            raise InputError(self.name, "not a DICOM file (no DICM preamble or valid header)") from None
+        except FileNotFoundError:
+            raise InputError(self.name, "no such file") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise InputError(self.name, f"unreadable DICOM header ({exc})") from None
+        ds = self.ds
+        if "PixelData" not in ds:
+            raise InputError(self.name, "DICOM has no pixel data (not an image SOP instance)")
+        try:
+            tsyntax = ds.file_meta.TransferSyntaxUID
+        except AttributeError:
+            raise InputError(self.name, "DICOM file meta has no Transfer Syntax UID") from None
+        try:
+            self.meta = DicomMeta(
+                modality=str(ds.get("Modality", "")),
+                sop_class_uid=str(ds.get("SOPClassUID", "")),
+                transfer_syntax=str(tsyntax),
+                rows=int(ds.Rows),
+                cols=int(ds.Columns),
+                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
+                photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
+                bits_allocated=int(ds.BitsAllocated),
+                bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)),
+                pixel_spacing_mm=None,
+                spacing_source=None,
+                frame_time_ms=_frame_time_ms(ds),
+                study_uid=str(ds.get("StudyInstanceUID", "")),
+                series_uid=str(ds.get("SeriesInstanceUID", "")),
+                instance_uid=str(ds.get("SOPInstanceUID", "")),
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise InputError(self.name, f"DICOM image header incomplete ({exc})") from None
+        spacing, source = pixel_spacing(ds)
+        object.__setattr__(self.meta, "pixel_spacing_mm", spacing)
+        object.__setattr__(self.meta, "spacing_source", source)
+        if self.meta.pixel_bytes > max_pixel_bytes:
+            raise InputError(
+                self.name,
+                f"image too large: {self.meta.rows}x{self.meta.cols}x{self.meta.frames} frames x "
+                f"{self.meta.samples_per_pixel} samples x {self.meta.bits_allocated} bits = "
+                f"{self.meta.pixel_bytes} bytes exceeds the limit of {max_pixel_bytes} bytes",
+            )
+        self._check_decoder(UID(self.meta.transfer_syntax))
+
+    def _check_decoder(self, tsyntax: UID) -> None:
+        try:
+            decoder = pydicom.pixels.get_decoder(tsyntax)
+        except NotImplementedError:
+            raise InputError(self.name, f"unsupported transfer syntax {tsyntax.name} ({tsyntax})") from None
+        if not decoder.is_available and tsyntax not in _JPEG_8_12:
+            raise InputError(
+                self.name, f"no decoder installed for transfer syntax {tsyntax.name} ({tsyntax}); see 'edge-runtime doctor'"
+            )
+
+    @property
+    def n_frames(self) -> int:
+        return self.meta.frames
+
+    def raw_frame(self, index: int) -> np.ndarray:
+        """Stored values of one frame (colour already converted to RGB), before any LUT."""
+        if not 0 <= index < self.n_frames:
+            raise InputError(self.name, f"frame {index} out of range (0..{self.n_frames - 1})")
+        try:
+            return pydicom.pixels.pixel_array(self.ds, index=index)
+        except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
+            fallback = self._imagecodecs_frame(index)
+            if fallback is not None:
+                return fallback
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise InputError(self.name, f"frame {index} failed to decode ({UID(self.meta.transfer_syntax).name}): {detail}") from None
+
+    def _imagecodecs_frame(self, index: int) -> np.ndarray | None:
+        """12-bit JPEG (Process 2 and 4) is beyond Pillow and GDCM; imagecodecs (BSD) decodes it."""
+        if UID(self.meta.transfer_syntax) not in _JPEG_8_12 or self.meta.samples_per_pixel != 1:
+            return None
+        try:
+            import imagecodecs
+        except ImportError:
+            return None
+        try:
+            fragments = generate_frames(self.ds.PixelData, number_of_frames=self.n_frames)
+            for i, frame_bytes in enumerate(fragments):
+                if i == index:
+                    arr = imagecodecs.jpeg8_decode(frame_bytes)
+                    break
+            else:
+                return None
+        except Exception:
+            return None
+        if arr.shape[:2] != (self.meta.rows, self.meta.cols):
+            return None
+        return arr
+
+    def display_frame(self, index: int, windowing: str = "voi") -> np.ndarray:
+        """uint8 display image of one frame: gray HxW or RGB HxWx3."""
+        raw = self.raw_frame(index)
+        try:
+            return to_display(raw, self.ds, windowing)
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise InputError(self.name, f"frame {index} has pixel data inconsistent with its LUTs ({exc})") from None
+
+    def display_frames(self, windowing: str = "voi") -> Iterator[np.ndarray]:
+        for i in range(self.n_frames):
+            yield self.display_frame(i, windowing)
+
+
+def _scale_to_u8(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        hi = lo + 1.0
+    out = (arr.astype(np.float32) - np.float32(lo)) * np.float32(255.0 / (hi - lo))
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8)
+
+
+def _window_linear(arr: np.ndarray, center: float, width: float, exact: bool) -> np.ndarray:
+    """PS3.3 C.11.2.1.2 LINEAR and LINEAR_EXACT windowing straight to 0..255."""
+    x = arr.astype(np.float32)
+    if exact:
+        y = (x - center) / max(width, 1e-6) + 0.5
+    else:
+        y = (x - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5
+    return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _window_sigmoid(arr: np.ndarray, center: float, width: float) -> np.ndarray:
+    y = 1.0 / (1.0 + np.exp(-4.0 * (arr.astype(np.float32) - center) / max(width, 1e-6)))
+    return np.clip(y * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    if isinstance(value, pydicom.multival.MultiValue):
+        value = value[0]
+    return float(value)
+
+
+def gray_to_display(arr: np.ndarray, ds: Dataset, windowing: str) -> np.ndarray:
+    """Grayscale stored values -> uint8 display values."""
+    values = pydicom.pixels.apply_modality_lut(arr, ds)
+    center, width = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if windowing == "voi" and "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        lut_item = ds.VOILUTSequence[0]
+        out = pydicom.pixels.apply_voi(values, ds, index=0)
+        bits = int(lut_item.LUTDescriptor[2])
+        display = _scale_to_u8(out, 0, (1 << bits) - 1)
+    elif windowing == "voi" and center is not None and width is not None and _first(width) > 0:
+        function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
+        c, w = _first(center), _first(width)
+        if function == "SIGMOID":
+            display = _window_sigmoid(values, c, w)
+        else:
+            display = _window_linear(values, c, w, exact=function == "LINEAR_EXACT")
+    elif arr.dtype == np.uint8 and windowing != "minmax":
+        display = arr  # 8-bit without a window: the stored values are what the scanner showed
+    else:
+        # No window in the file: a robust window over the frame, as viewers do.
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        display = _scale_to_u8(values, float(lo), float(hi))
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+        display = 255 - display
+    return np.ascontiguousarray(display, dtype=np.uint8)
+
+
+def to_display(raw: np.ndarray, ds: Dataset, windowing: str = "voi") -> np.ndarray:
+    """Stored frame values -> uint8 display image (gray HxW or RGB HxWx3)."""
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if photometric == "PALETTE COLOR":
+        rgb = pydicom.pixels.apply_color_lut(raw, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return _scale_to_u8(rgb, 0, (1 << bits) - 1) if rgb.dtype != np.uint8 else rgb
+    if raw.ndim == 3:
+        # RGB (pydicom has already converted YBR_* to RGB); scale wider samples down to 8 bits.
+        if raw.dtype == np.uint8:
+            return raw
+        return _scale_to_u8(raw, 0, (1 << int(ds.get("BitsStored", 16))) - 1)
+    return gray_to_display(raw, ds, windowing)

@@ -1,0 +1,82 @@
+"""One front door for file inputs: DICOM, PNG or JPEG, opened as a sequence of display frames."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_runtime.errors import InputError
+from edge_runtime.imaging.dicom import DEFAULT_MAX_PIXEL_BYTES, DicomImage, DicomMeta
+from edge_runtime.imaging.images import load_display_image
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+_JPEG = b"\xff\xd8\xff"
+
+
+@dataclass
+class InputImage:
+    """A file opened for inference: frame count, display frames, and (for DICOM) its header facts."""
+
+    name: str
+    kind: str  # "dicom" | "png" | "jpeg"
+    n_frames: int
+    dicom: DicomImage | None = None
+    _pixels: np.ndarray | None = None
+
+    @property
+    def meta(self) -> DicomMeta | None:
+        return self.dicom.meta if self.dicom else None
+
+    @property
+    def modality(self) -> str:
+        return self.dicom.meta.modality if self.dicom else ""
+
+    @property
+    def pixel_spacing_mm(self) -> tuple[float, float] | None:
+        return self.dicom.meta.pixel_spacing_mm if self.dicom else None
+
+    def frame(self, index: int, windowing: str = "voi") -> np.ndarray:
+        if self.dicom is not None:
+            return self.dicom.display_frame(index, windowing)
+        if index != 0:
+            raise InputError(self.name, f"frame {index} out of range (0..0)")
+        assert self._pixels is not None
+        return self._pixels
+
+    def frames(self, windowing: str = "voi") -> Iterator[tuple[int, np.ndarray]]:
+        for i in range(self.n_frames):
+            yield i, self.frame(i, windowing)
+
+
+def sniff(path: Path) -> str:
+    """'dicom', 'png' or 'jpeg' from the file's first bytes; InputError otherwise."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except FileNotFoundError:
+        raise InputError(str(path), "no such file") from None
+    except IsADirectoryError:
+        raise InputError(str(path), "is a directory, expected a DICOM, PNG or JPEG file") from None
+    except OSError as exc:
+        raise InputError(str(path), f"cannot read ({exc.strerror})") from None
+    if len(head) == 0:
+        raise InputError(str(path), "empty file")
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    if head.startswith(_PNG):
+        return "png"
+    if head.startswith(_JPEG):
+        return "jpeg"
+    raise InputError(str(path), "not a DICOM (no DICM preamble), PNG or JPEG file")
+
+
+def open_input(path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> InputImage:
+    path = Path(path)
+    kind = sniff(path)
+    if kind == "dicom":
+        dicom = DicomImage(path, max_pixel_bytes)
+        return InputImage(str(path), kind, dicom.n_frames, dicom=dicom)
+    pixels = load_display_image(path, max_pixel_bytes)
+    return InputImage(str(path), kind, 1, _pixels=pixels)
