@@ -1,0 +1,1 @@
+"""Quantization toolkit and shared, torch-free dataset helpers for the reference models."""
