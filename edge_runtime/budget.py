@@ -1,0 +1,148 @@
+"""Latency budget control: shed work instead of queueing it.
+
+Per model, the controller watches the rolling p95 of capture->result latency. Over budget, it steps down one
+level: a faster variant first (e.g. INT8 instead of FP32), then a lower inference rate. With headroom (p95 under
+`low` x budget) it steps back up one level, but only when the level above is predicted to fit: its p95 when we
+left it, scaled by how much the current level's latency has fallen since we entered it. A minimum dwell time
+between switches, and a doubling wait after a step up that had to be undone, give hysteresis: the pipeline does
+not flap between a level that fits and one that does not. A frame already older than the budget when the worker picks it up
+is skipped: its result would be late whatever happens next. Every switch is logged with its reason and counted.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger("edge_runtime.budget")
+
+
+@dataclass(frozen=True)
+class Level:
+    """One operating point: which variant runs and at most how many inferences per second (0 = every frame)."""
+
+    variant: str
+    max_rate_hz: float = 0.0
+
+    def describe(self) -> str:
+        rate = f"{self.max_rate_hz:g}/s" if self.max_rate_hz else "every frame"
+        return f"{self.variant} @ {rate}"
+
+
+@dataclass(frozen=True)
+class Switch:
+    from_level: int
+    to_level: int
+    reason: str
+
+
+def build_levels(variants_fast_last: Sequence[str], source_fps: float, rate_steps: Sequence[float] = (0.5, 0.25)) -> list[Level]:
+    """Levels from best to cheapest: each variant at full rate, then the fastest at reduced rates."""
+    levels = [Level(v) for v in variants_fast_last]
+    if source_fps > 0:
+        levels += [Level(variants_fast_last[-1], source_fps * f) for f in rate_steps]
+    return levels
+
+
+class BudgetController:
+    def __init__(
+        self,
+        budget_ms: float,
+        levels: Sequence[Level],
+        window: int = 60,
+        low: float = 0.7,
+        dwell_s: float = 3.0,
+        min_samples: int = 20,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+    ) -> None:
+        if not levels:
+            raise ValueError("at least one level")
+        self.budget_ms = budget_ms
+        self.levels = list(levels)
+        self.low = low
+        self.dwell_s = dwell_s
+        self.min_samples = min_samples
+        self.clock = clock
+        self.name = name
+        self.samples: deque[float] = deque(maxlen=window)
+        self.index = 0
+        self.last_switch = float("-inf")  # the first switch needs evidence (min_samples), not a dwell
+        self.left_p95: dict[int, float] = {}  # p95 of a level when we stepped down from it
+        self.entry_p95: dict[int, float] = {}  # first full-window p95 after entering a level
+        self.up_penalty = 1.0  # doubles after a step up that had to be undone
+        self.last_up: float | None = None
+        self.last_admitted: float | None = None
+        self.switches: list[Switch] = []
+        self.late = 0
+        self.rate_skipped = 0
+        self.misses = 0
+
+    @property
+    def level(self) -> Level:
+        return self.levels[self.index]
+
+    def p95(self) -> float | None:
+        return float(np.percentile(self.samples, 95)) if self.samples else None
+
+    def admit(self, frame_age_ms: float) -> bool:
+        """Should the worker run this frame? False for a frame already past its budget or over the rate cap."""
+        if frame_age_ms > self.budget_ms:
+            self.late += 1
+            return False
+        rate = self.level.max_rate_hz
+        now = self.clock()
+        if rate > 0 and self.last_admitted is not None and now - self.last_admitted < 1.0 / rate:
+            self.rate_skipped += 1
+            return False
+        self.last_admitted = now
+        return True
+
+    def predicted_p95(self, level: int) -> float | None:
+        """Expected p95 at `level` (one above the current), from the ratio observed around the last step down."""
+        current = self.p95()
+        if level not in self.left_p95 or self.index not in self.entry_p95 or current is None:
+            return None
+        return self.left_p95[level] * current / max(self.entry_p95[self.index], 1e-6)
+
+    def observe(self, latency_ms: float) -> Switch | None:
+        """Record one capture->result latency; returns the switch made, if any."""
+        self.samples.append(latency_ms)
+        if latency_ms > self.budget_ms:
+            self.misses += 1
+        if len(self.samples) < self.min_samples:
+            return None
+        p95 = self.p95()
+        assert p95 is not None
+        self.entry_p95.setdefault(self.index, p95)
+        since = self.clock() - self.last_switch
+        if since < self.dwell_s:
+            return None
+        if p95 > self.budget_ms and self.index < len(self.levels) - 1:
+            if self.last_up is not None and self.clock() - self.last_up < 4 * self.dwell_s * self.up_penalty:
+                self.up_penalty = min(self.up_penalty * 2, 64.0)  # the step up did not hold: wait longer next time
+            self.left_p95[self.index] = p95
+            return self._switch(self.index + 1, f"p95 {p95:.1f} ms over budget {self.budget_ms:.0f} ms")
+        if p95 < self.low * self.budget_ms and self.index > 0 and since >= self.dwell_s * self.up_penalty:
+            predicted = self.predicted_p95(self.index - 1)
+            if predicted is None or predicted <= self.budget_ms:
+                self.last_up = self.clock()
+                expect = f", expected {predicted:.1f} ms above" if predicted is not None else ""
+                return self._switch(self.index - 1, f"p95 {p95:.1f} ms under {self.low:.0%} of budget {self.budget_ms:.0f} ms{expect}")
+        return None
+
+    def _switch(self, to: int, reason: str) -> Switch:
+        switch = Switch(self.index, to, reason)
+        direction = "down" if to > self.index else "up"
+        log.warning("budget %s: stepping %s from %s to %s: %s", self.name, direction,
+                    self.levels[self.index].describe(), self.levels[to].describe(), reason)
+        self.index = to
+        self.entry_p95.pop(to, None)
+        self.switches.append(switch)
+        self.samples.clear()  # judge the new level on its own latencies
+        self.last_switch = self.clock()
+        return switch

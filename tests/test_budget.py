@@ -1,0 +1,103 @@
+"""The budget controller driven by a deliberately slow engine (a fake clock stands in for wall time)."""
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.budget import BudgetController, Level, build_levels
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+    def advance(self, s):
+        self.t += s
+
+
+def run_frames(ctl: BudgetController, clock: FakeClock, latency_for_level, seconds: float, fps: float = 30.0):
+    """Feed a live source at fps for `seconds`; the engine's latency depends on the level in use."""
+    processed = 0
+    for _ in range(int(seconds * fps)):
+        clock.advance(1.0 / fps)
+        if ctl.admit(frame_age_ms=1.0):
+            ctl.observe(latency_for_level(ctl.level))
+            processed += 1
+    return processed
+
+
+def test_levels_from_variants_and_rates():
+    levels = build_levels(["fp32", "int8"], source_fps=30)
+    assert [lv.describe() for lv in levels] == ["fp32 @ every frame", "int8 @ every frame", "int8 @ 15/s", "int8 @ 7.5/s"]
+
+
+def test_steps_down_to_faster_variant_when_over_budget_and_back_up_with_hysteresis():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, name="fetal-head")
+    slow = {"fp32": 45.0, "int8": 20.0}  # a slow board: FP32 misses the budget, INT8 fits
+    run_frames(ctl, clock, lambda lv: slow[lv.variant], seconds=10)
+    assert ctl.level.variant == "int8" and ctl.index == 1
+    assert len(ctl.switches) == 1 and "over budget" in ctl.switches[0].reason
+    # Headroom alone is not enough for INT8 at 20 ms (> 0.7 x 33): it stays, no flapping.
+    run_frames(ctl, clock, lambda lv: slow[lv.variant], seconds=20)
+    assert len(ctl.switches) == 1
+    # The load goes away (both variants fast): back up to FP32 after the dwell time.
+    run_frames(ctl, clock, lambda lv: 10.0, seconds=10)
+    assert ctl.index == 0 and "under 70%" in ctl.switches[-1].reason
+
+
+def test_lowers_the_rate_when_even_the_fastest_variant_is_too_slow():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=2.0)
+    run_frames(ctl, clock, lambda lv: 60.0, seconds=30)
+    assert ctl.index == len(ctl.levels) - 1
+    assert ctl.level.max_rate_hz == pytest.approx(7.5)
+    processed = run_frames(ctl, clock, lambda lv: 60.0, seconds=4)
+    assert processed <= 4 * 7.5 + 1 and ctl.rate_skipped > 0
+
+
+def test_no_switch_before_dwell_or_enough_samples():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, [Level("fp32"), Level("int8")], clock=clock, dwell_s=5.0, min_samples=20)
+    for _ in range(10):
+        clock.advance(0.1)
+        ctl.observe(100.0)
+    assert ctl.index == 0  # 10 samples: not enough evidence
+    for _ in range(20):
+        clock.advance(0.1)
+        ctl.observe(100.0)
+    assert ctl.index == 1
+    for _ in range(30):
+        clock.advance(0.1)
+        ctl.observe(1.0)
+    assert ctl.index == 1  # 3 s since the switch < 5 s dwell
+
+
+def test_late_frames_are_skipped_and_counted():
+    ctl = BudgetController(33.0, [Level("fp32")])
+    assert ctl.admit(frame_age_ms=5.0) is True
+    assert ctl.admit(frame_age_ms=40.0) is False
+    assert ctl.late == 1
+
+
+def test_misses_counted():
+    ctl = BudgetController(33.0, [Level("fp32")])
+    for v in (10, 40, 50):
+        ctl.observe(v)
+    assert ctl.misses == 2
+
+
+def test_failed_step_up_backs_off():
+    """FP32 stays slow although INT8 gets faster (the ratio misleads): probes up get rarer, not periodic."""
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=2.0)
+    run_frames(ctl, clock, lambda lv: {"fp32": 45.0, "int8": 20.0}[lv.variant], seconds=6)
+    assert ctl.index == 1
+    run_frames(ctl, clock, lambda lv: {"fp32": 45.0, "int8": 8.0}[lv.variant], seconds=120)
+    ups = [s for s in ctl.switches if s.to_level < s.from_level]
+    # One probe up, undone; then the ratio learnt at the step down predicts FP32 will not fit: no more probes
+    # (without prediction and back-off: one probe every few seconds, each costing a burst of budget misses).
+    assert len(ups) == 1, [s.reason for s in ctl.switches]
+    assert ctl.index == 1 and ctl.up_penalty == 2.0
