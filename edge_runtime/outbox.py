@@ -1,0 +1,544 @@
+"""The outbox: the durable store every finding enters before anything else may happen to it.
+
+A finding is accepted only once its row is committed (SQLite WAL, synchronous=FULL). The outbox owns `seq`:
+it is assigned inside the committing transaction from a counter in the `meta` table, so it is monotonic per
+device and never reused, even after rows are pruned. Study sources pass a `source_item` (the pseudonymous SOP
+Instance UID and frame index): committing an item that is already stored returns the existing seq and stores
+nothing, so a file re-processed after a crash never gives a second finding.
+
+Concurrent `commit` calls from several worker threads share one transaction and one fsync (group commit:
+whoever takes the write lock commits everything queued so far), so commit latency stays about one fsync
+while throughput grows with the number of writers.
+
+Caps (rows, payload bytes, age) are enforced inside the committing transaction: delivered rows go first,
+then routine pending rows oldest first (evicted, counted, and listed in `evicted`), urgent pending rows never;
+if only urgent rows remain over a cap they are kept and an alarm is counted. A full disk or database
+(SQLITE_FULL) first prunes delivered rows and retries once, then raises `OutboxFull`: an alarm for the
+caller (study files stay in their inbox and are retried), never a crash and never a half-stored finding.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from edge_runtime.errors import EdgeError
+from edge_runtime.findings import PRIORITIES, to_json
+
+log = logging.getLogger("edge_runtime.outbox")
+
+RANK = {"urgent": 0, "routine": 1}
+PRIORITY_OF_RANK = {v: k for k, v in RANK.items()}
+PENDING, DELIVERED = 0, 1
+SCHEMA_VERSION = 1
+EVICTED_LOG_ROWS = 100_000  # how many evicted findings are remembered by id (for audit and tests)
+AGE_CHECK_INTERVAL_S = 60.0
+_CHUNK = 500  # parameters per IN (...) list
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS findings (
+    seq          INTEGER PRIMARY KEY,          -- assigned from meta.next_seq: monotonic, never reused
+    finding_id   TEXT NOT NULL UNIQUE,
+    rank         INTEGER NOT NULL,             -- 0 urgent, 1 routine: publish order is (rank, seq)
+    created_at   REAL NOT NULL,                -- unix time of the commit (age cap)
+    payload      TEXT NOT NULL,                -- the Finding JSON exactly as published
+    bytes        INTEGER NOT NULL,
+    source_item  TEXT UNIQUE,                  -- study sources: what was processed (NULL for live frames)
+    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 1 delivered (PUBACK received)
+    attempts     INTEGER NOT NULL DEFAULT 0,   -- publishes that ended without a PUBACK
+    delivered_at REAL
+);
+CREATE INDEX IF NOT EXISTS findings_pending ON findings(rank, seq) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS findings_delivered ON findings(seq) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS findings_age ON findings(created_at);
+CREATE TABLE IF NOT EXISTS evicted (
+    seq        INTEGER PRIMARY KEY,
+    finding_id TEXT NOT NULL,
+    rank       INTEGER NOT NULL,
+    reason     TEXT NOT NULL,                  -- rows | bytes | age
+    evicted_at REAL NOT NULL
+);
+"""
+
+# Counters kept in `meta`, read and written inside each write transaction (so a second process that opens the
+# same file for inspection never sees them torn).
+_META_KEYS = (
+    "schema_version", "next_seq", "rows", "bytes", "pending_rows_0", "pending_rows_1", "pending_bytes_0",
+    "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms",
+)
+
+
+class OutboxError(EdgeError):
+    """The outbox cannot store or read findings (I/O error, corrupt file, ...)."""
+
+
+class OutboxFull(OutboxError):
+    """The disk or database is full: nothing of this commit was stored. An alarm; retry later."""
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    finding_id: str
+    priority: str
+    payload: str
+    attempts: int
+
+
+class _Request:
+    __slots__ = ("items", "result", "error", "done")
+
+    def __init__(self, items: list[tuple[dict[str, Any], str | None]]) -> None:
+        self.items = items
+        self.result: list[int] = []
+        self.error: BaseException | None = None
+        self.done = False
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return (code & 0xFF) == sqlite3.SQLITE_FULL
+    return "full" in str(exc).lower()
+
+
+def _chunks(seq: Sequence[int], n: int = _CHUNK) -> Iterable[Sequence[int]]:
+    for i in range(0, len(seq), n):
+        yield seq[i:i + n]
+
+
+class Outbox:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        max_rows: int = 1_000_000,
+        max_bytes: int = 1 << 30,
+        max_age_days: float = 90.0,
+        max_page_count: int | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.max_bytes = max_bytes
+        self.max_age_s = max_age_days * 86400.0 if max_age_days > 0 else 0.0
+        self.clock = clock
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._write_lock = threading.Lock()  # every write transaction, on either connection
+        self._read_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Request] = []
+        self._last_age_check = 0.0
+        self._evict_logged_at = -1e9
+        self._evicted_unlogged = 0
+        self._closed = False
+        self.commits = 0  # in-process change counter: the uplink re-reads the outbox when it moves
+        self.last_alarm = ""
+        try:
+            self._w = self._connect(max_page_count)
+            self._w.executescript(_SCHEMA)
+            self._w.execute("BEGIN IMMEDIATE")
+            if not self._w.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+                self._init_meta()
+            self._w.execute("COMMIT")
+            self._r = self._connect(None)
+            self._r.execute("PRAGMA query_only = ON")
+        except sqlite3.Error as exc:
+            raise OutboxError(str(self.path), f"cannot open the outbox database ({exc})") from None
+
+    @classmethod
+    def from_config(cls, config) -> "Outbox":
+        o = config.outbox
+        path = Path(o.path) if o.path else config.state_dir / "outbox.sqlite"
+        return cls(path, max_rows=o.max_rows, max_bytes=o.max_bytes, max_age_days=o.max_age_days)
+
+    def _connect(self, max_page_count: int | None) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = OFF")
+        if max_page_count:
+            conn.execute(f"PRAGMA max_page_count = {int(max_page_count)}")
+        return conn
+
+    # ------------------------------------------------------------ meta counters
+    def _load_meta(self, conn: sqlite3.Connection | None = None) -> dict[str, int]:
+        meta = {k: 0 for k in _META_KEYS}
+        meta.update((conn or self._w).execute("SELECT key, value FROM meta").fetchall())
+        return meta
+
+    def _init_meta(self) -> None:
+        row = self._w.execute("SELECT COUNT(*), COALESCE(SUM(bytes), 0), COALESCE(MAX(seq), 0) FROM findings").fetchone()
+        meta = {k: 0 for k in _META_KEYS}
+        meta.update(schema_version=SCHEMA_VERSION, next_seq=row[2] + 1, rows=row[0], bytes=row[1])
+        for rank, n, b in self._w.execute(
+                "SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings WHERE state = 0 GROUP BY rank"):
+            meta[f"pending_rows_{rank}"], meta[f"pending_bytes_{rank}"] = n, b
+        self._save_meta(meta, {})
+
+    def _save_meta(self, meta: dict[str, int], before: dict[str, int]) -> None:
+        changed = [(k, v) for k, v in meta.items() if before.get(k) != v]
+        if changed:
+            self._w.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", changed)
+
+    # ------------------------------------------------------------ commit
+    def commit(self, finding: dict[str, Any], source_item: str | None = None) -> int:
+        """Store one finding durably; returns its seq. The dict gets its `seq` (and a `finding_id` if it had
+        none) once committed. If `source_item` was committed before, returns that seq and stores nothing."""
+        return self.commit_many([(finding, source_item)])[0]
+
+    def commit_many(self, items: Sequence[tuple[dict[str, Any], str | None]]) -> list[int]:
+        """Store several findings in one transaction: all or none. Returns their seqs in order."""
+        items = list(items)
+        for finding, _ in items:
+            priority = finding.get("priority", "routine")
+            if priority not in RANK:
+                raise ValueError(f"finding priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
+        if not items:
+            return []
+        req = _Request(items)
+        with self._queue_lock:
+            self._queue.append(req)
+        with self._write_lock:
+            if not req.done:  # nobody committed it for us while we waited: lead a group commit
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+        if req.error is not None:
+            raise req.error
+        return req.result
+
+    def _commit_group(self, group: list[_Request]) -> None:
+        try:
+            try:
+                self._commit_group_once(group)
+            except OutboxFull:
+                # Make room from delivered rows (safe to drop) and try once more before raising the alarm.
+                if self._prune_delivered_for_space(max(1000, 2 * sum(len(r.items) for r in group))):
+                    self._commit_group_once(group)
+                else:
+                    raise
+        except OutboxFull as exc:
+            self._count_alarm("full_alarms", exc.reason)
+            for r in group:
+                r.error = OutboxFull(exc.subject, exc.reason)
+        except Exception as exc:  # noqa: BLE001 - every waiting caller must get an answer
+            for r in group:
+                r.error = exc
+        finally:
+            for r in group:
+                r.done = True
+
+    def _commit_group_once(self, group: list[_Request]) -> None:
+        conn = self._w
+        now = self.clock()
+        pending_results: list[tuple[_Request, list[int], list[tuple[dict[str, Any], int, str]]]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            meta = self._load_meta()
+            before = dict(meta)
+            for r in group:
+                if r.error is not None:
+                    continue
+                conn.execute("SAVEPOINT req")
+                saved = dict(meta)
+                try:
+                    seqs, updates = self._insert_items(r.items, meta, now)
+                    conn.execute("RELEASE req")
+                    pending_results.append((r, seqs, updates))
+                except (ValueError, TypeError) as exc:  # this caller's bad finding (e.g. NaN): only it fails
+                    conn.execute("ROLLBACK TO req")
+                    conn.execute("RELEASE req")
+                    meta.clear()
+                    meta.update(saved)
+                    r.error = exc
+            self._enforce_caps(meta, now)
+            self._save_meta(meta, before)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            for r in group:
+                if isinstance(r.error, (ValueError, TypeError)):
+                    r.error = None  # retried with the others if we try again
+            if _is_full(exc):
+                raise OutboxFull(str(self.path), f"disk or database full ({exc}); nothing stored, retry later") from None
+            raise OutboxError(str(self.path), f"commit failed ({exc})") from None
+        for r, seqs, updates in pending_results:
+            for finding, seq, finding_id in updates:
+                finding["seq"] = seq
+                finding["finding_id"] = finding_id
+            r.result = seqs
+        self.commits += 1
+
+    def _insert_items(self, items, meta: dict[str, int], now: float) -> tuple[list[int], list]:
+        conn = self._w
+        seqs: list[int] = []
+        updates = []
+        for finding, source_item in items:
+            if source_item is not None:
+                row = conn.execute("SELECT seq, finding_id FROM findings WHERE source_item = ?", (source_item,)).fetchone()
+                if row is not None:
+                    seqs.append(row[0])
+                    continue
+            finding_id = str(finding.get("finding_id") or uuid.uuid4())
+            row = conn.execute("SELECT seq FROM findings WHERE finding_id = ?", (finding_id,)).fetchone()
+            if row is not None:  # the same finding committed twice: idempotent
+                seqs.append(row[0])
+                continue
+            seq = meta["next_seq"]
+            rank = RANK[finding.get("priority", "routine")]
+            payload = to_json({**finding, "seq": seq, "finding_id": finding_id})
+            size = len(payload.encode("utf-8"))
+            conn.execute(
+                "INSERT INTO findings(seq, finding_id, rank, created_at, payload, bytes, source_item) VALUES (?,?,?,?,?,?,?)",
+                (seq, finding_id, rank, now, payload, size, source_item),
+            )
+            meta["next_seq"] = seq + 1
+            meta["rows"] += 1
+            meta["bytes"] += size
+            meta[f"pending_rows_{rank}"] += 1
+            meta[f"pending_bytes_{rank}"] += size
+            seqs.append(seq)
+            updates.append((finding, seq, finding_id))
+        return seqs, updates
+
+    # ------------------------------------------------------------ caps
+    def _over(self, meta: dict[str, int]) -> bool:
+        return meta["rows"] > self.max_rows or meta["bytes"] > self.max_bytes
+
+    def _enforce_caps(self, meta: dict[str, int], now: float) -> None:
+        """Inside the write transaction: delivered rows first, then routine pending oldest first, never urgent."""
+        if self.max_age_s and now - self._last_age_check >= AGE_CHECK_INTERVAL_S:
+            self._last_age_check = now
+            cutoff = now - self.max_age_s
+            old = self._w.execute("SELECT seq, rank, bytes, state, finding_id FROM findings WHERE created_at < ? "
+                                  "AND (state = 1 OR rank = 1) ORDER BY seq", (cutoff,)).fetchall()
+            self._remove(old, meta, now, "age")
+        if not self._over(meta):
+            return
+        for state_sql, reason in (("state = 1", None), ("state = 0 AND rank = 1", "")):
+            while self._over(meta):
+                excess_rows = meta["rows"] - self.max_rows
+                excess_bytes = meta["bytes"] - self.max_bytes
+                index = "findings_delivered" if reason is None else "findings_pending"
+                batch = self._w.execute(
+                    f"SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY {index} "
+                    f"WHERE {state_sql} ORDER BY seq LIMIT ?", (max(64, min(excess_rows, 10_000)),)).fetchall()
+                if not batch:
+                    break
+                chosen = []
+                for row in batch:
+                    if excess_rows <= 0 and excess_bytes <= 0:
+                        break
+                    chosen.append(row)
+                    excess_rows -= 1
+                    excess_bytes -= row[2]
+                why = "rows" if meta["rows"] > self.max_rows else "bytes"
+                self._remove(chosen, meta, now, why)
+        if self._over(meta):
+            # Only urgent findings are left over the cap: keep every one of them and raise the alarm.
+            meta["over_cap_alarms"] += 1
+            self._note_alarm(f"outbox over its cap with only urgent findings pending ({meta['rows']} rows, "
+                             f"{meta['bytes']} bytes); keeping them all")
+
+    def _remove(self, rows: list[tuple], meta: dict[str, int], now: float, reason: str) -> None:
+        if not rows:
+            return
+        seqs = [r[0] for r in rows]
+        for chunk in _chunks(seqs):
+            self._w.execute(f"DELETE FROM findings WHERE seq IN ({','.join('?' * len(chunk))})", chunk)
+        evicted = []
+        for seq, rank, size, state, finding_id in rows:
+            meta["rows"] -= 1
+            meta["bytes"] -= size
+            if state == DELIVERED:
+                meta["pruned"] += 1
+            else:
+                meta[f"pending_rows_{rank}"] -= 1
+                meta[f"pending_bytes_{rank}"] -= size
+                meta["evicted"] += 1
+                evicted.append((seq, finding_id, rank, reason, now))
+        if evicted:
+            self._w.executemany("INSERT OR REPLACE INTO evicted(seq, finding_id, rank, reason, evicted_at) VALUES (?,?,?,?,?)", evicted)
+            self._w.execute("DELETE FROM evicted WHERE seq <= (SELECT seq FROM evicted ORDER BY seq DESC LIMIT 1 OFFSET ?)",
+                            (EVICTED_LOG_ROWS,))
+            self._evicted_unlogged += len(evicted)
+            if time.monotonic() - self._evict_logged_at >= 60.0:  # a full store evicts on every commit: say it once a minute
+                log.warning("outbox cap (%s): evicted %d routine finding(s) since the last report, oldest first",
+                            reason, self._evicted_unlogged)
+                self._evict_logged_at, self._evicted_unlogged = time.monotonic(), 0
+
+    def _prune_delivered_for_space(self, n: int) -> int:
+        """After SQLITE_FULL: drop up to n delivered rows (oldest first) so their pages can be reused."""
+        conn = self._w
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            meta = self._load_meta()
+            before = dict(meta)
+            rows = conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY findings_delivered "
+                                "WHERE state = 1 ORDER BY seq LIMIT ?", (n,)).fetchall()
+            self._remove(rows, meta, self.clock(), "space")
+            self._save_meta(meta, before)
+            conn.execute("COMMIT")
+            return len(rows)
+        except sqlite3.Error:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            return 0
+
+    def _note_alarm(self, text: str) -> None:
+        if text != self.last_alarm:
+            log.error("ALARM: %s", text)
+        self.last_alarm = text
+
+    def _count_alarm(self, key: str, text: str) -> None:
+        """Called with the write lock held."""
+        self._note_alarm(text)
+        try:
+            self._w.execute("INSERT INTO meta(key, value) VALUES (?, 1) ON CONFLICT(key) DO UPDATE SET value = value + 1", (key,))
+        except sqlite3.Error:
+            pass  # the disk is full: the alarm is still logged and raised to the caller
+
+    # ------------------------------------------------------------ uplink side
+    def next_batch(self, limit: int, exclude: Iterable[int] = ()) -> list[Row]:
+        """Up to `limit` pending rows in publish order (urgent first, then seq), skipping `exclude` (in flight)."""
+        exclude = list(exclude)
+        sql = "SELECT seq, finding_id, rank, payload, attempts FROM findings INDEXED BY findings_pending WHERE state = 0"
+        if exclude:
+            sql += f" AND seq NOT IN ({','.join('?' * len(exclude))})"
+        sql += " ORDER BY rank, seq LIMIT ?"
+        with self._read_lock:
+            rows = self._r.execute(sql, (*exclude, limit)).fetchall()
+        return [Row(seq, fid, PRIORITY_OF_RANK[rank], payload, attempts) for seq, fid, rank, payload, attempts in rows]
+
+    def mark_delivered(self, seqs: Iterable[int]) -> int:
+        """PUBACK received for these rows. Returns how many changed state. Written without an fsync of its own:
+        a mark lost to a power cut only means the finding is sent again (same finding_id), never lost."""
+        seqs = sorted(set(seqs))
+        if not seqs:
+            return 0
+        return self._update_pending(seqs, deliver=True)
+
+    def record_attempts(self, seqs: Iterable[int]) -> None:
+        """These rows were published but the PUBACK never came (link lost, rejected): they stay pending."""
+        seqs = sorted(set(seqs))
+        if seqs:
+            self._update_pending(seqs, deliver=False)
+
+    def _update_pending(self, seqs: list[int], deliver: bool) -> int:
+        conn = self._w
+        changed = 0
+        with self._write_lock:
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("BEGIN IMMEDIATE")
+                meta = self._load_meta()
+                before = dict(meta)
+                now = self.clock()
+                for chunk in _chunks(seqs):
+                    marks = ",".join("?" * len(chunk))
+                    if deliver:
+                        rows = conn.execute(f"SELECT rank, bytes FROM findings WHERE state = 0 AND seq IN ({marks})", chunk).fetchall()
+                        conn.execute(f"UPDATE findings SET state = 1, delivered_at = ? WHERE state = 0 AND seq IN ({marks})", (now, *chunk))
+                        for rank, size in rows:
+                            meta[f"pending_rows_{rank}"] -= 1
+                            meta[f"pending_bytes_{rank}"] -= size
+                        meta["delivered"] += len(rows)
+                        changed += len(rows)
+                    else:
+                        conn.execute(f"UPDATE findings SET attempts = attempts + 1 WHERE state = 0 AND seq IN ({marks})", chunk)
+                self._save_meta(meta, before)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                if _is_full(exc):
+                    raise OutboxFull(str(self.path), f"disk or database full while marking delivery ({exc})") from None
+                raise OutboxError(str(self.path), f"cannot mark delivery ({exc})") from None
+            finally:
+                try:
+                    conn.execute("PRAGMA synchronous = FULL")
+                except sqlite3.Error:
+                    pass
+        if changed:
+            self.commits += 1
+        return changed
+
+    # ------------------------------------------------------------ inspection
+    def has_source_item(self, source_item: str) -> bool:
+        with self._read_lock:
+            return self._r.execute("SELECT 1 FROM findings WHERE source_item = ?", (source_item,)).fetchone() is not None
+
+    def pending_by_priority(self) -> dict[str, int]:
+        meta = self._read_meta()
+        return {p: meta.get(f"pending_rows_{r}", 0) for p, r in RANK.items()}
+
+    def depth(self) -> int:
+        return sum(self.pending_by_priority().values())
+
+    def stats(self) -> dict[str, Any]:
+        meta = self._read_meta()
+        return {
+            "pending": {p: meta.get(f"pending_rows_{r}", 0) for p, r in RANK.items()},
+            "pending_bytes": {p: meta.get(f"pending_bytes_{r}", 0) for p, r in RANK.items()},
+            "rows": meta.get("rows", 0),
+            "bytes": meta.get("bytes", 0),
+            "next_seq": meta.get("next_seq", 1),
+            "delivered": meta.get("delivered", 0),  # ever marked delivered
+            "pruned": meta.get("pruned", 0),  # delivered rows removed to respect the caps
+            "evicted": meta.get("evicted", 0),  # routine findings removed before delivery
+            "over_cap_alarms": meta.get("over_cap_alarms", 0),
+            "full_alarms": meta.get("full_alarms", 0),
+            "last_alarm": self.last_alarm,
+        }
+
+    def evicted_ids(self) -> list[str]:
+        """finding_ids of the most recent evictions (up to EVICTED_LOG_ROWS), oldest first."""
+        with self._read_lock:
+            return [r[0] for r in self._r.execute("SELECT finding_id FROM evicted ORDER BY seq")]
+
+    def finding_ids(self) -> dict[str, str]:
+        """finding_id -> state ('pending' | 'delivered') of every stored row (tests and audits)."""
+        with self._read_lock:
+            return {fid: ("pending" if st == PENDING else "delivered")
+                    for fid, st in self._r.execute("SELECT finding_id, state FROM findings")}
+
+    def payload(self, seq: int) -> dict[str, Any] | None:
+        with self._read_lock:
+            row = self._r.execute("SELECT payload FROM findings WHERE seq = ?", (seq,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def _read_meta(self) -> dict[str, int]:
+        with self._read_lock:
+            return self._load_meta(self._r)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._write_lock, self._read_lock:
+            for conn in (self._r, self._w):
+                try:
+                    conn.close()
+                except sqlite3.Error:
+                    pass
+
+    def __enter__(self) -> "Outbox":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

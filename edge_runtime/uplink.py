@@ -1,0 +1,446 @@
+"""The uplink: MQTT store-and-forward from the outbox, on its own thread, never on the inference path.
+
+One thread owns everything network-side: it connects (with exponential backoff and jitter), then loops
+`client.loop()` and keeps a bounded window of QoS 1 publishes in flight, read from the outbox in priority order
+(urgent first, then seq). A row is marked delivered only when its PUBACK arrives (MQTT 5: with a success reason
+code; "no matching subscribers" leaves it pending when `require_subscriber` is set, because a finding nobody
+was subscribed to is a lost finding). When the link drops, whatever was in flight stays pending in the outbox
+and is sent again after the reconnect with the same finding_id: consumers deduplicate by finding_id.
+
+Each connection uses a fresh paho client, so paho's own in-memory resend queue is never involved: the outbox
+is the one place unacknowledged findings live. The broker keeps the session (clean_start = False with a
+session expiry on MQTT 5, clean_session = False on 3.1.1).
+
+Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
+as the last will and on a clean stop. Telemetry (outbox depth and uplink counters, no findings) goes to
+`.../telemetry` with QoS 0.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import random
+import ssl
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from edge_runtime.config import MqttSection
+from edge_runtime.errors import ConfigError
+from edge_runtime.findings import DeviceIdentity, utc_now
+from edge_runtime.outbox import Outbox, OutboxError
+
+log = logging.getLogger("edge_runtime.uplink")
+
+NO_MATCHING_SUBSCRIBERS = 0x10
+SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
+_TOPIC_FORBIDDEN = set("/+#\x00")
+
+
+@dataclass(frozen=True)
+class BrokerTarget:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str, where: str, key: str = "mqtt.broker") -> BrokerTarget:
+    """mqtt://host[:1883] | mqtts://host[:8883] (also tcp://, ssl://, tls://)."""
+    parts = urlsplit(url)
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ConfigError(where, f"key '{key}' must look like mqtts://host:8883 or mqtt://host:1883; got {url!r}")
+    if parts.path not in ("", "/") or parts.query or parts.username:
+        raise ConfigError(where, f"key '{key}' must be scheme://host:port only (credentials go in mqtt.username / "
+                                 f"mqtt.password_file); got {url!r}")
+    tls = SCHEMES[parts.scheme]
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(where, f"key '{key}' has an invalid port; got {url!r}") from None
+    return BrokerTarget(parts.hostname, port, tls)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_transport(target: BrokerTarget, allow_insecure: bool, where: str, cert_files: dict[str, str],
+                    insecure_key: str = "mqtt.allow_insecure", url_key: str = "mqtt.broker") -> None:
+    """Plaintext only to loopback unless explicitly allowed; TLS files must exist and need TLS."""
+    if not target.tls:
+        given = [k for k, v in cert_files.items() if v]
+        if given:
+            raise ConfigError(where, f"key '{given[0]}' is set but '{url_key}' is plaintext; use mqtts://")
+        if not is_loopback(target.host) and not allow_insecure:
+            raise ConfigError(where, f"key '{url_key}' is plaintext MQTT to {target.host}, which would expose findings "
+                                     f"and credentials on the network; use mqtts:// or set {insecure_key} = true")
+    for key, value in cert_files.items():
+        if value and not Path(value).is_file():
+            raise ConfigError(where, f"key '{key}': no such file {value!r}")
+    key_file = cert_files.get("mqtt.key_file") or cert_files.get("key_file")
+    cert_file = cert_files.get("mqtt.cert_file") or cert_files.get("cert_file")
+    if key_file and not cert_file:
+        raise ConfigError(where, "a client key is set without a client certificate (mqtt.cert_file)")
+
+
+def topic_base(prefix: str, identity: DeviceIdentity, where: str) -> str:
+    for key, value in (("device.site", identity.site), ("device.id", identity.device_id)):
+        if not value or set(value) & _TOPIC_FORBIDDEN:
+            raise ConfigError(where, f"key '{key}' = {value!r} cannot be an MQTT topic level (no '/', '+', '#', empty)")
+    return f"{prefix.rstrip('/')}/{identity.site}/{identity.device_id}"
+
+
+def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random = random) -> float:  # type: ignore[assignment]
+    """Exponential backoff with equal jitter: in [d/2, d], d = min(hi, lo * 2**attempt)."""
+    d = min(hi, lo * (2 ** min(attempt, 30)))
+    return d / 2 + rng.random() * d / 2
+
+
+class Uplink:
+    def __init__(self, outbox: Outbox, mqtt: MqttSection, identity: DeviceIdentity, *, where: str = "configuration") -> None:
+        self.outbox = outbox
+        self.cfg = mqtt
+        self.identity = identity
+        self.target = parse_broker_url(mqtt.broker, where)
+        check_transport(self.target, mqtt.allow_insecure, where,
+                        {"mqtt.ca_file": mqtt.ca_file, "mqtt.cert_file": mqtt.cert_file, "mqtt.key_file": mqtt.key_file})
+        if mqtt.password and mqtt.password_file:
+            raise ConfigError(where, "set mqtt.password or mqtt.password_file, not both")
+        self.password = mqtt.password or None
+        if mqtt.password_file:
+            try:
+                self.password = Path(mqtt.password_file).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(where, f"key 'mqtt.password_file': cannot read {mqtt.password_file!r} ({exc.strerror})") from None
+        if mqtt.inflight < 1:
+            raise ConfigError(where, f"key 'mqtt.inflight' must be at least 1; got {mqtt.inflight}")
+        if mqtt.rate_limit < 0 or mqtt.reconnect_min_s <= 0 or mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+            raise ConfigError(where, "keys 'mqtt.rate_limit' >= 0 and 0 < 'mqtt.reconnect_min_s' <= 'mqtt.reconnect_max_s' required")
+        base = topic_base(mqtt.topic_prefix, identity, where)
+        self.topic_findings = f"{base}/findings"
+        self.topic_status = f"{base}/status"
+        self.topic_telemetry = f"{base}/telemetry"
+        self.client_id = mqtt.client_id or f"edge-{identity.device_id}"
+        self.v5 = mqtt.protocol == "5"
+        self._stop = threading.Event()
+        self._stop_deadline = 0.0
+        self._thread: threading.Thread | None = None
+        self._rng = random.Random()
+        # Link state and counters (written by the uplink thread only; read anywhere).
+        self.state = "idle"  # idle | connecting | connected | backoff | stopped
+        self.connected = False
+        self.window = mqtt.inflight
+        self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0, "unrouted": 0, "connects": 0,
+                         "disconnects": 0, "connect_failures": 0, "errors": 0}
+        self.last_error = ""
+        self.beat = time.monotonic()
+        # Per-connection state.
+        self._inflight: dict[int, int] = {}  # mid -> seq
+        self._acked: list[int] = []
+        self._rejected: list[int] = []
+        self._connack: tuple[bool, str] | None = None
+        self._hold_until = 0.0
+        self._hold_attempt = 0
+        self._seen_commits = -1
+        self._last_poll = 0.0
+
+    @classmethod
+    def from_config(cls, outbox: Outbox, config, identity: DeviceIdentity) -> "Uplink | None":
+        """None when no broker is configured: findings then stay in the outbox until one is."""
+        if not config.mqtt.broker:
+            log.warning("no [mqtt] broker configured: findings are kept in the outbox only")
+            return None
+        return cls(outbox, config.mqtt, identity, where=config.source_path or "configuration")
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> "Uplink":
+        """Returns at once: connecting and draining a backlog happen on the uplink thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="uplink", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> bool:
+        """Stop publishing, give in-flight messages up to `timeout` for their PUBACK, publish "offline",
+        disconnect. Returns True if the thread finished in time. Unacknowledged rows stay pending."""
+        self._stop_deadline = time.monotonic() + max(0.0, timeout - 0.2)
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            return not self._thread.is_alive()
+        return True
+
+    def alive(self) -> bool:
+        """The thread runs and its loop moved recently (a blocking connect is bounded by connect_timeout_s)."""
+        stale_after = max(60.0, 3 * self.cfg.connect_timeout_s)
+        return self._thread is not None and self._thread.is_alive() and time.monotonic() - self.beat < stale_after
+
+    def stats(self) -> dict[str, Any]:
+        return {"state": self.state, "connected": self.connected, "inflight": len(self._inflight),
+                "window": self.window, "reconnects": max(0, self.counters["connects"] - 1),
+                "last_error": self.last_error, **self.counters}
+
+    # ------------------------------------------------------------ thread
+    def _run(self) -> None:
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                self.state = "connecting"
+                try:
+                    if self._session():
+                        attempt = 0
+                except Exception as exc:  # noqa: BLE001 - a bug must not end delivery: log, back off, reconnect
+                    self.counters["errors"] += 1
+                    self.last_error = f"internal error {type(exc).__name__}: {exc}"
+                    log.exception("uplink session failed")
+                if self._stop.is_set():
+                    break
+                self.state = "backoff"
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
+                attempt += 1
+                self._wait(delay)
+        finally:
+            self.state = "stopped"
+            self.connected = False
+
+    def _wait(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self._stop.is_set():
+            self.beat = time.monotonic()
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self._stop.wait(min(left, 1.0))
+
+    def _make_client(self):
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        kwargs: dict[str, Any] = {"callback_api_version": CallbackAPIVersion.VERSION2, "client_id": self.client_id,
+                                  "protocol": mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311}
+        if not self.v5:
+            kwargs["clean_session"] = False
+        client = mqtt.Client(**kwargs)
+        client.connect_timeout = self.cfg.connect_timeout_s
+        client.max_inflight_messages_set(0)  # no paho queue: our window bounds what is in flight
+        client.max_queued_messages_set(0)
+        if self.target.tls:
+            client.tls_set(ca_certs=self.cfg.ca_file or None, certfile=self.cfg.cert_file or None,
+                           keyfile=self.cfg.key_file or None, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.cfg.username:
+            client.username_pw_set(self.cfg.username, self.password)
+        client.will_set(self.topic_status, "offline", qos=1, retain=True)
+        client.on_connect = self._on_connect
+        client.on_publish = self._on_publish
+        return client
+
+    def _session(self) -> bool:
+        """One connection: connect, publish until the link drops or stop. True if CONNACK was a success."""
+        import paho.mqtt.client as mqtt
+
+        self._inflight.clear()
+        self._acked.clear()
+        self._rejected.clear()
+        self._connack = None
+        client = self._make_client()
+        try:
+            try:
+                if self.v5:
+                    from paho.mqtt.packettypes import PacketTypes
+                    from paho.mqtt.properties import Properties
+
+                    props = Properties(PacketTypes.CONNECT)
+                    props.SessionExpiryInterval = self.cfg.session_expiry_s
+                    client.connect(self.target.host, self.target.port, self.cfg.keepalive_s, clean_start=False, properties=props)
+                else:
+                    client.connect(self.target.host, self.target.port, self.cfg.keepalive_s)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self._failed(f"connect to {self.target.host}:{self.target.port} failed: {exc}")
+                return False
+            deadline = time.monotonic() + self.cfg.connect_timeout_s
+            while self._connack is None:
+                self.beat = time.monotonic()
+                rc = client.loop(0.05)
+                if rc != mqtt.MQTT_ERR_SUCCESS and self._connack is None:
+                    self._failed(f"connection lost before CONNACK ({mqtt.error_string(rc)})")
+                    return False
+                if self._stop.is_set() or time.monotonic() > deadline:
+                    if not self._stop.is_set():
+                        self._failed("no CONNACK within connect_timeout_s")
+                    return False
+            ok, why = self._connack
+            if not ok:
+                self._failed(f"broker refused the connection: {why}")
+                return False
+            self.counters["connects"] += 1
+            self.connected = True
+            self.state = "connected"
+            self.last_error = ""
+            log.info("uplink connected to %s:%d (window %d)", self.target.host, self.target.port, self.window)
+            client.publish(self.topic_status, "online", qos=1, retain=True)
+            self._pump(client)
+            return True
+        finally:
+            self._end_session(client)
+
+    def _failed(self, why: str) -> None:
+        self.counters["connect_failures"] += 1
+        if why != self.last_error:
+            log.warning("uplink: %s", why)
+        self.last_error = why
+
+    def _pump(self, client) -> None:
+        import paho.mqtt.client as mqtt
+
+        next_telemetry = time.monotonic() + (self.cfg.telemetry_interval_s or 0)
+        tokens, last_refill = float(self.window), time.monotonic()
+        while True:
+            now = time.monotonic()
+            self.beat = now
+            if self._stop.is_set():
+                self._drain_and_leave(client)
+                return
+            # Fill the window (urgent first, then seq), within the rate cap and outside a hold.
+            timeout = 0.05
+            if self.cfg.rate_limit:
+                tokens = min(float(self.window), tokens + (now - last_refill) * self.cfg.rate_limit)
+                last_refill = now
+            free = self.window - len(self._inflight)
+            if self.cfg.rate_limit:
+                free = min(free, int(tokens))
+                if free <= 0:
+                    timeout = min(timeout, max(0.001, (1.0 - tokens) / self.cfg.rate_limit))
+            if free > 0 and now >= self._hold_until and self._outbox_may_have_more(now):
+                rows = self.outbox.next_batch(free, exclude=self._inflight.values())
+                for row in rows:
+                    info = client.publish(self.topic_findings, row.payload, qos=1)
+                    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                        break  # link gone: loop() below notices
+                    self._inflight[info.mid] = row.seq
+                    self.counters["published"] += 1
+                    if row.attempts:
+                        self.counters["resent"] += 1
+                    if self.cfg.rate_limit:
+                        tokens -= 1
+            elif now < self._hold_until:
+                timeout = min(timeout, self._hold_until - now)
+            rc = client.loop(timeout)
+            self._flush_acks()
+            if rc != mqtt.MQTT_ERR_SUCCESS:
+                self._lost(f"link lost ({mqtt.error_string(rc)})")
+                return
+            if self.cfg.telemetry_interval_s and time.monotonic() >= next_telemetry:
+                next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
+                self._publish_telemetry(client)
+
+    def _outbox_may_have_more(self, now: float) -> bool:
+        """Skip the query when nothing changed since an empty read (re-read at least every second anyway)."""
+        if self.outbox.commits != self._seen_commits or now - self._last_poll >= 1.0 or self._inflight:
+            self._seen_commits = self.outbox.commits
+            self._last_poll = now
+            return True
+        return False
+
+    def _flush_acks(self) -> None:
+        try:
+            if self._acked:
+                acked, self._acked = self._acked, []
+                self.outbox.mark_delivered(acked)
+            if self._rejected:
+                rejected, self._rejected = self._rejected, []
+                self.outbox.record_attempts(rejected)
+        except OutboxError as exc:  # the rows stay pending and are sent again: a duplicate, never a loss
+            log.error("uplink: %s", exc)
+
+    def _lost(self, why: str) -> None:
+        self.counters["disconnects"] += 1
+        self.last_error = why
+        log.warning("uplink: %s; %d in flight will be re-sent", why, len(self._inflight))
+
+    def _drain_and_leave(self, client) -> None:
+        """Stopping: no new publishes; wait for in-flight PUBACKs until the deadline, then say offline."""
+        import paho.mqtt.client as mqtt
+
+        while self._inflight and time.monotonic() < self._stop_deadline:
+            if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+            self._flush_acks()
+        self._flush_acks()
+        info = client.publish(self.topic_status, "offline", qos=1, retain=True)
+        end = min(self._stop_deadline, time.monotonic() + 1.0)
+        while info.rc == mqtt.MQTT_ERR_SUCCESS and not info.is_published() and time.monotonic() < end:
+            if client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        client.disconnect()
+        client.loop(0.01)
+
+    def _end_session(self, client) -> None:
+        self._flush_acks()
+        if self._inflight:
+            try:
+                self.outbox.record_attempts(self._inflight.values())
+            except OutboxError as exc:
+                log.error("uplink: %s", exc)
+            self._inflight.clear()
+        self.connected = False
+        try:
+            client._reset_sockets()  # close the socket pair now rather than at garbage collection
+        except Exception:  # noqa: BLE001 - private API: best effort only
+            pass
+
+    def _publish_telemetry(self, client) -> None:
+        try:
+            box = self.outbox.stats()
+        except OutboxError:
+            return
+        body = {"device_id": self.identity.device_id, "site": self.identity.site, "at": utc_now(),
+                "outbox": {k: box[k] for k in ("pending", "pending_bytes", "rows", "bytes", "evicted",
+                                               "over_cap_alarms", "full_alarms")},
+                "uplink": {k: v for k, v in self.stats().items() if k != "last_error"}}
+        client.publish(self.topic_telemetry, json.dumps(body, separators=(",", ":")), qos=0)
+
+    # ------------------------------------------------------------ paho callbacks (uplink thread, inside loop())
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        ok = not reason_code.is_failure
+        self._connack = (ok, str(reason_code))
+        window = self.cfg.inflight
+        receive_max = getattr(properties, "ReceiveMaximum", None) if ok and properties is not None else None
+        if receive_max:
+            # The broker disconnects a client that exceeds its Receive Maximum; keep one slot for the status message.
+            window = min(window, max(1, int(receive_max) - 1))
+        self.window = max(1, window)
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        seq = self._inflight.pop(mid, None)
+        if seq is None:
+            return  # status/telemetry, or a message from before a reconnect
+        code = getattr(reason_code, "value", 0)
+        if code == 0 or (code == NO_MATCHING_SUBSCRIBERS and not self.cfg.require_subscriber):
+            self._acked.append(seq)
+            self.counters["acked"] += 1
+            self._hold_attempt = 0
+            return
+        # Not delivered: the row stays pending. Pause new publishes for a while instead of spinning.
+        if code == NO_MATCHING_SUBSCRIBERS:
+            self.counters["unrouted"] += 1
+            why = "no subscriber for the findings topic (is a collector subscribed with a persistent session?)"
+        else:
+            self.counters["rejected"] += 1
+            why = f"broker rejected a finding: {reason_code}"
+        self._rejected.append(seq)
+        if time.monotonic() >= self._hold_until:
+            delay = backoff_delay(self._hold_attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
+            self._hold_attempt += 1
+            self._hold_until = time.monotonic() + delay
+            if why != self.last_error:
+                log.warning("uplink: %s; holding for %.1f s", why, delay)
+            self.last_error = why
