@@ -1,0 +1,332 @@
+"""Command line: the front door. `edge-runtime infer | models | doctor` (daemon commands join later)."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from edge_runtime import __version__
+from edge_runtime.config import Config, load_config
+from edge_runtime.engines import EngineOptions
+from edge_runtime.errors import EdgeError, InputError
+from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding, to_json
+from edge_runtime.frames import Frame, StudyRef
+from edge_runtime.imaging.deid import load_or_create_key, pseudonym
+from edge_runtime.imaging.inputs import InputImage, open_input
+from edge_runtime.registry import ModelRegistry
+
+PROG = "edge-runtime"
+
+
+def error_line(exc: BaseException) -> None:
+    """Expected failures: one line on stderr, no traceback."""
+    print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
+
+
+def make_registry(config: Config) -> ModelRegistry:
+    from edge_runtime.registry import bundled_models_dir
+
+    roots = [Path(p) for p in config.models.paths] + [bundled_models_dir()]
+    return ModelRegistry(roots, Path(config.models.public_key) if config.models.public_key else None)
+
+
+def engine_options(config: Config, kind: str) -> EngineOptions:
+    e = config.engine
+    devices = e.onnxruntime_devices if kind == "onnxruntime" else e.openvino_devices if kind == "openvino" else None
+    return EngineOptions(
+        devices=tuple(devices) if devices else None,
+        threads=e.threads or None,
+        cache_dir=config.cache_dir,
+        precision_hint=e.openvino_precision,
+        warmup_runs=e.warmup_runs,
+        allow_spinning=e.allow_spinning,
+    )
+
+
+def study_ref(inp: InputImage, key: bytes, frame_index: int) -> StudyRef:
+    meta = inp.meta
+    if meta is None:
+        return StudyRef(frame_index=frame_index)
+    return StudyRef(
+        study_id=pseudonym(key, meta.study_uid),
+        series_id=pseudonym(key, meta.series_uid),
+        instance_id=pseudonym(key, meta.instance_uid),
+        modality=meta.modality,
+        frame_index=frame_index,
+    )
+
+
+# ---------------------------------------------------------------- infer
+def cmd_infer(args: argparse.Namespace, config: Config) -> int:
+    from edge_runtime.engines import resolve_auto
+    from edge_runtime.pipeline import Predictor
+
+    kind = args.engine or config.engine.kind
+    kind = resolve_auto() if kind == "auto" else kind
+    precision = args.precision or config.engine.precision
+    predictor = Predictor.load(make_registry(config), args.model, kind, precision, engine_options(config, kind))
+    manifest = predictor.manifest
+    key = load_or_create_key(config.state_dir / "device.key")
+    seq = SequenceCounter(config.state_dir / "cli.seq")
+    identity = DeviceIdentity(config.device.id, config.device.site)
+    spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
+    failed = 0
+    for path in args.paths:
+        try:
+            t_open = time.monotonic()
+            inp = open_input(path, config.imaging.max_pixel_bytes)
+            if inp.modality and manifest.modality and inp.modality not in manifest.modality:
+                raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+            for index in range(inp.n_frames):
+                captured = t_open if index == 0 else time.monotonic()
+                pixels = inp.frame(index, manifest.windowing)
+                frame = Frame(
+                    pixels=pixels,
+                    source_kind="file",
+                    source_name=path,
+                    captured_at=captured,
+                    study=study_ref(inp, key, index),
+                    pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
+                )
+                frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
+                prediction = predictor.predict(frame)
+                finding = build_finding(
+                    identity=identity,
+                    seq=seq.next(),
+                    frame=frame,
+                    model=predictor.ref,
+                    head=prediction.head,
+                    capture_to_result_ms=prediction.capture_to_result_ms,
+                    budget_ms=manifest.latency_budget_ms,
+                )
+                print(to_json(finding), flush=True)
+        except EdgeError as exc:
+            error_line(exc)
+            failed += 1
+        except Exception as exc:  # a bug on one input must not stop the others; still one line
+            error_line(InputError(path, f"internal error {type(exc).__name__}: {exc}"))
+            failed += 1
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- models
+def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    registry = make_registry(config)
+    rows = []
+    status = 0
+    for name in registry.names():
+        try:
+            m = registry.get(name)
+        except EdgeError as exc:
+            error_line(exc)
+            status = 1
+            continue
+        variants = ", ".join(f"{v.id}[{v.precision}:{'/'.join(v.engines)}]" for v in m.variants)
+        rows.append({"name": m.name, "version": m.version, "task": m.task, "modality": "/".join(m.modality),
+                     "budget_ms": m.latency_budget_ms, "variants": variants, "folder": str(m.folder)})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif rows:
+        print_table(rows, ["name", "version", "task", "modality", "budget_ms", "variants"])
+    else:
+        print("no models installed", file=sys.stderr)
+    return status
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.upper().ljust(widths[c]) for c in columns))
+    for r in rows:
+        print("  ".join(str(r[c]).ljust(widths[c]) for c in columns))
+
+
+# ---------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
+    from edge_runtime.doctor import run_checks
+
+    report = run_checks(config, make_registry(config), load_models=not args.quick)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for section in report["sections"]:
+            print(f"{section['title']}")
+            for check in section["checks"]:
+                mark = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}[check["status"]]
+                print(f"  [{mark}] {check['name']}: {check['detail']}")
+        print(f"\n{report['summary']}")
+    return 0 if report["ok"] else 1
+
+
+# ---------------------------------------------------------------- run / status
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
+    from edge_runtime.service import Service
+    from edge_runtime.telemetry import setup_logging
+
+    if not config.source_path:
+        raise EdgeError("run", "needs --config FILE with at least one [[sources]] table (see README: Configuration)")
+    setup_logging(args.verbose, config.service.log_format)
+    return Service(config).run_forever()
+
+
+def status_report(url: str) -> dict:
+    from edge_runtime.telemetry import histogram_quantile, scrape
+
+    s = scrape(url)
+
+    def by(name: str, label: str) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for labels, value in s.get(name, []):
+            out[labels.get(label, "")] = out.get(labels.get(label, ""), 0.0) + value
+        return out
+
+    sources = sorted(set(by("edge_frames_in_total", "source")) | set(by("edge_input_errors_total", "source")))
+    frames_in, dropped = by("edge_frames_in_total", "source"), by("edge_frames_dropped_total", "source")
+    errors, quarantined = by("edge_input_errors_total", "source"), by("edge_quarantined_total", "source")
+    buckets: dict[str, list[tuple[float, float]]] = {}
+    for labels, value in s.get("edge_latency_ms_bucket", []):
+        if labels.get("stage") == "capture_to_result":
+            buckets.setdefault(labels["model"], []).append((float(labels["le"]), value))
+    findings: dict[str, dict[str, float]] = {}
+    for labels, value in s.get("edge_findings_total", []):
+        findings.setdefault(labels["model"], {})[labels["priority"]] = value
+    misses, late = by("edge_budget_misses_total", "model"), by("edge_frames_late_total", "model")
+    switches, level = by("edge_variant_switches_total", "model"), by("edge_budget_level", "model")
+    models = {
+        name: {
+            "p50_ms": histogram_quantile(b, 0.5),
+            "p99_ms": histogram_quantile(b, 0.99),
+            "findings": findings.get(name, {}),
+            "budget_misses": misses.get(name, 0.0),
+            "late": late.get(name, 0.0),
+            "switches": switches.get(name, 0.0),
+            "level": level.get(name, 0.0),
+        }
+        for name, b in buckets.items()
+    }
+    return {
+        "url": url,
+        "ready": bool(s.get("edge_ready", [({}, 0)])[0][1]),
+        "uptime_s": time.time() - s.get("edge_start_time_seconds", [({}, time.time())])[0][1],
+        "link_up": bool(s.get("edge_link_up", [({}, 0)])[0][1]),
+        "outbox_pending": by("edge_outbox_pending", "priority"),
+        "sources": {n: {"frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0), "errors": errors.get(n, 0.0),
+                        "quarantined": quarantined.get(n, 0.0)} for n in sources},
+        "models": models,
+    }
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    url = args.url or f"http://{config.service.metrics_host.replace('0.0.0.0', '127.0.0.1')}:{config.service.metrics_port}/metrics"
+    try:
+        report = status_report(url)
+    except OSError as exc:
+        raise EdgeError("status", f"no daemon answering at {url} ({getattr(exc, 'reason', exc)}); is edge-runtime running?") from None
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    up = int(report["uptime_s"])
+    pending = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["outbox_pending"].items())) or "0"
+    print(f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
+          f"link {'up' if report['link_up'] else 'down'}, outbox pending: {pending}")
+    rows = [{"source": n, **{k: int(v) for k, v in d.items()}} for n, d in report["sources"].items()]
+    if rows:
+        print_table(rows, ["source", "frames_in", "dropped", "errors", "quarantined"])
+    rows = []
+    for name, d in report["models"].items():
+        f = d["findings"]
+        rows.append({"model": name, "p50_ms": f"{d['p50_ms']:.1f}" if d["p50_ms"] is not None else "-",
+                     "p99_ms": f"{d['p99_ms']:.1f}" if d["p99_ms"] is not None else "-",
+                     "urgent": int(f.get("urgent", 0)), "routine": int(f.get("routine", 0)),
+                     "misses": int(d["budget_misses"]), "late": int(d["late"]), "level": int(d["level"]),
+                     "switches": int(d["switches"])})
+    if rows:
+        print()
+        print_table(rows, ["model", "p50_ms", "p99_ms", "urgent", "routine", "misses", "late", "level", "switches"])
+    return 0
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace, config: Config) -> int:
+    import dataclasses
+    import tempfile
+
+    from edge_runtime.demo import run_demo
+
+    if args.config is None:
+        # The embedded default: a throw-away state directory, nothing left behind on the machine.
+        with tempfile.TemporaryDirectory(prefix="edge-demo-") as state:
+            config = dataclasses.replace(config, device=dataclasses.replace(config.device, state_dir=state, id="demo-device", site="demo"))
+            return run_demo(args, config)
+    return run_demo(args, config)
+
+
+# ---------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Edge inference daemon for portable ultrasound and X-ray scanners.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--config", help="TOML configuration file")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("infer", help="run a model on files, print one JSON finding per frame")
+    p.add_argument("--model", required=True, help="model name (see 'edge-runtime models list')")
+    p.add_argument("--engine", choices=["onnxruntime", "openvino", "auto"], help="default from config: auto")
+    p.add_argument("--precision", choices=["fp32", "int8"], help="variant precision (default fp32)")
+    p.add_argument("--pixel-spacing", type=float, metavar="MM", help="pixel size in mm when the input has none")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files")
+    p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("models", help="installed models")
+    p.add_argument("action", nargs="?", choices=["list"], default="list")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("doctor", help="check engines, devices, decoders and model integrity")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quick", action="store_true", help="skip loading each model on each engine")
+    p.set_defaults(func=cmd_doctor)
+    p = sub.add_parser("run", help="run the daemon (sources, models, outbox, uplink) until SIGTERM")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="what the running daemon is doing (reads its metrics endpoint)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--url", help="metrics URL (default from config: http://127.0.0.1:9464/metrics)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="run both shipped models on embedded inputs (phantom, chest CR)")
+    p.add_argument("--seconds", type=float, default=10.0, help="how long the live phantom runs (default 10)")
+    p.set_defaults(func=cmd_demo)
+
+    from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
+
+    add_collect_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if args.verbose == 0:
+        # pydicom warns about every tolerated header oddity; the one-line error per input is what counts.
+        logging.getLogger("pydicom").setLevel(logging.ERROR)
+        warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
+    try:
+        config = load_config(args.config)
+        return args.func(args, config)
+    except EdgeError as exc:
+        error_line(exc)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

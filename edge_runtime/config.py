@@ -1,0 +1,255 @@
+"""TOML configuration -> frozen dataclasses.
+
+Every error names the file, the key and what is allowed. Unknown keys are errors, not silently ignored:
+a typo in a field device's config must not quietly fall back to a default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge_runtime.errors import ConfigError
+
+
+def default_state_dir() -> Path:
+    """systemd's StateDirectory, else $EDGE_RUNTIME_STATE_DIR, else the XDG state directory."""
+    for var in ("EDGE_RUNTIME_STATE_DIR", "STATE_DIRECTORY"):
+        if os.environ.get(var):
+            return Path(os.environ[var].split(":")[0])
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "edge-runtime"
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str = field(default_factory=socket.gethostname)
+    site: str = "unassigned"
+    state_dir: str = ""  # "" = default_state_dir()
+
+
+@dataclass(frozen=True)
+class EngineSection:
+    kind: str = "auto"  # auto | onnxruntime | openvino
+    precision: str = "fp32"  # which variant to run: fp32 | int8
+    threads: int = 0  # 0 = engine default
+    onnxruntime_devices: list[str] = field(default_factory=lambda: ["TensorRT", "CUDA", "OpenVINO", "CPU"])
+    openvino_devices: list[str] = field(default_factory=lambda: ["NPU", "GPU", "CPU"])
+    openvino_precision: str = "f32"  # f32 | f16 | bf16 | default
+    cache_dir: str = ""  # "" = <state_dir>/cache
+    warmup_runs: int = 2
+    allow_spinning: bool = False
+
+
+@dataclass(frozen=True)
+class ModelsSection:
+    paths: list[str] = field(default_factory=list)  # searched before the bundled models
+    public_key: str = ""  # ed25519 key; when set, every manifest must be signed
+
+
+@dataclass(frozen=True)
+class ImagingSection:
+    max_pixel_bytes: int = 1 << 30
+
+
+@dataclass(frozen=True)
+class ServiceSection:
+    metrics_host: str = "127.0.0.1"  # Prometheus endpoint; keep it on localhost
+    metrics_port: int = 9464  # 0 = no endpoint
+    log_format: str = "text"  # text | json
+    stop_timeout_s: float = 20.0  # SIGTERM: in-flight work must finish within this
+    stall_timeout_s: float = 20.0  # a stage busy this long on one item stops the watchdog pings
+
+
+@dataclass(frozen=True)
+class OutboxSection:
+    """The durable store of findings (see docs/mqtt.md: caps and eviction policy)."""
+
+    path: str = ""  # "" = <state_dir>/outbox.sqlite
+    max_rows: int = 1_000_000  # all rows, delivered ones included (they are pruned first)
+    max_bytes: int = 1 << 30  # payload bytes of all rows
+    max_age_days: float = 90.0  # older rows are pruned (delivered) or evicted (routine); 0 = no age cap
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    """The uplink to the MQTT broker (see docs/mqtt.md)."""
+
+    broker: str = ""  # mqtts://host:8883 or mqtt://host:1883; "" = no uplink, findings wait in the outbox
+    protocol: str = "5"  # 5 | 3.1.1
+    client_id: str = ""  # "" = edge-<device.id>; must be stable: the broker keeps the session under it
+    topic_prefix: str = "edge/v1"
+    keepalive_s: int = 30
+    session_expiry_s: int = 7 * 24 * 3600  # MQTT 5: how long the broker keeps the session while offline
+    ca_file: str = ""  # mqtts: CA bundle ("" = system CAs)
+    cert_file: str = ""  # mqtts: client certificate for mutual TLS
+    key_file: str = ""
+    username: str = ""
+    password: str = ""
+    password_file: str = ""  # read at start-up; keeps the secret out of the config file
+    allow_insecure: bool = False  # allow plaintext mqtt:// to a host other than loopback
+    inflight: int = 32  # QoS 1 messages awaiting PUBACK at once
+    rate_limit: float = 0.0  # messages per second; 0 = no cap
+    reconnect_min_s: float = 1.0
+    reconnect_max_s: float = 60.0
+    connect_timeout_s: float = 10.0
+    require_subscriber: bool = True  # MQTT 5: a PUBACK "no matching subscribers" leaves the finding pending
+    telemetry_interval_s: float = 60.0  # 0 = no telemetry messages
+
+
+SOURCE_KINDS = ("phantom", "video", "cine", "dicom-folder", "dicom-scp")
+
+
+@dataclass(frozen=True)
+class SourceSection:
+    name: str = ""
+    kind: str = ""
+    model: str = ""
+    budget_ms: float = 0.0  # 0 = the model manifest's latency budget
+    fps: float = 0.0  # live sources: capture rate (0 = the feed's own rate)
+    device: str = ""  # video: /dev/videoN, an RTSP URL or a file
+    path: str = ""  # cine: the multi-frame DICOM file
+    loop: bool = True  # cine and video files: start again at the end
+    pixel_spacing_mm: float = 0.0  # video: calibration of the grabbed picture (0 = unknown)
+    inbox: str = ""  # dicom-folder / dicom-scp: where study files land
+    ae_title: str = "EDGE"  # dicom-scp
+    host: str = "0.0.0.0"  # dicom-scp listen address
+    port: int = 11112  # dicom-scp
+    allowed_callers: list[str] = field(default_factory=list)  # dicom-scp: calling AE titles allowed ([] = any)
+
+
+# Which keys each source kind needs.
+SOURCE_REQUIRED = {"video": ("device",), "cine": ("path",), "dicom-folder": ("inbox",), "dicom-scp": ("inbox",), "phantom": ()}
+
+
+@dataclass(frozen=True)
+class Config:
+    device: DeviceSection = field(default_factory=DeviceSection)
+    engine: EngineSection = field(default_factory=EngineSection)
+    models: ModelsSection = field(default_factory=ModelsSection)
+    imaging: ImagingSection = field(default_factory=ImagingSection)
+    service: ServiceSection = field(default_factory=ServiceSection)
+    outbox: OutboxSection = field(default_factory=OutboxSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    sources: list[SourceSection] = field(default_factory=list)
+    source_path: str = ""
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.device.state_dir) if self.device.state_dir else default_state_dir()
+
+    @property
+    def cache_dir(self) -> Path:
+        return Path(self.engine.cache_dir) if self.engine.cache_dir else self.state_dir / "cache"
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "engine.kind": ("auto", "onnxruntime", "openvino"),
+    "engine.precision": ("fp32", "int8"),
+    "engine.openvino_precision": ("f32", "f16", "bf16", "default"),
+    "service.log_format": ("text", "json"),
+    "mqtt.protocol": ("5", "3.1.1"),
+    "kind": SOURCE_KINDS,  # sources[i].kind
+}
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "nothing"}.get(tp, str(tp))
+
+
+def _check(value: Any, tp: Any) -> Any:
+    """value converted to tp, or raise TypeError."""
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_check(v, typing.get_args(tp)[0]) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _check(value, arg)
+            except TypeError:
+                continue
+        raise TypeError
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float) and isinstance(value, bool):
+        raise TypeError
+    if not isinstance(value, tp):
+        raise TypeError
+    return value
+
+
+def build(cls: type, table: dict[str, Any], path: str, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a TOML table, strictly."""
+    if not isinstance(table, dict):
+        raise ConfigError(path, f"key '{prefix.rstrip('.')}' must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source_path"}
+    for key in table:
+        if key not in fields:
+            raise ConfigError(path, f"unknown key '{prefix}{key}'; allowed: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, value in table.items():
+        tp = hints[name]
+        full = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, value, path, full + ".")
+            continue
+        item_tp = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        if item_tp is not None and dataclasses.is_dataclass(item_tp):
+            if not isinstance(value, list):
+                raise ConfigError(path, f"key '{full}' must be a list of tables ([[{full}]])")
+            kwargs[name] = [build(item_tp, v, path, f"{full}[{i}].") for i, v in enumerate(value)]
+            continue
+        try:
+            kwargs[name] = _check(value, tp)
+        except TypeError:
+            raise ConfigError(path, f"key '{full}' must be {_type_name(tp)}, got {type(value).__name__} {value!r}") from None
+        choices = _CHOICES.get(full) or (_CHOICES.get(name) if cls is SourceSection else None)
+        if choices and kwargs[name] not in choices:
+            raise ConfigError(path, f"key '{full}' must be one of {', '.join(choices)}; got {value!r}")
+    return cls(**kwargs)
+
+
+def check_sources(config: Config) -> None:
+    """Per-kind required keys and unique names, named by their position in the file."""
+    path = config.source_path or "configuration"
+    seen: set[str] = set()
+    for i, src in enumerate(config.sources):
+        where = f"sources[{i}]"
+        for key in ("name", "kind", "model"):
+            if not getattr(src, key):
+                raise ConfigError(path, f"key '{where}.{key}' is missing")
+        for key in SOURCE_REQUIRED[src.kind]:
+            if not getattr(src, key):
+                raise ConfigError(path, f"key '{where}.{key}' is required for a {src.kind} source")
+        if src.name in seen:
+            raise ConfigError(path, f"key '{where}.name' repeats the source name {src.name!r}")
+        seen.add(src.name)
+
+
+def load_config(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(path), "no such file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(str(path), f"invalid TOML ({exc})") from None
+    config = dataclasses.replace(build(Config, table, str(path)), source_path=str(path))
+    check_sources(config)
+    return config

@@ -1,0 +1,357 @@
+"""The daemon: wires sources -> workers (preprocess, engine, head) -> outbox -> uplink, and supervises them.
+
+- Live sources hand frames over through a newest-wins slot; the worker skips frames already past their
+  budget and the budget controller steps variants and rates. Study sources hand over files that stay in the
+  inbox until their findings are committed.
+- READY=1 goes to systemd once every model is loaded and warm. WATCHDOG=1 is sent only while no stage has
+  been stuck on one item for longer than `service.stall_timeout_s`, so a hung inference gets us restarted.
+- SIGTERM/SIGINT: sources stop, workers finish the item in hand, the uplink gets a bounded time to flush,
+  the outbox closes. Nothing committed is lost; nothing half-done is marked done.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime.budget import BudgetController, build_levels
+from edge_runtime.config import Config, SourceSection
+from edge_runtime.engines import resolve_auto
+from edge_runtime.errors import EdgeError, InputError
+from edge_runtime.findings import DeviceIdentity, build_finding
+from edge_runtime.frames import Frame, StudyRef
+from edge_runtime.imaging.deid import load_or_create_key, pseudonym
+from edge_runtime.imaging.inputs import open_input
+from edge_runtime.pipeline import Predictor
+from edge_runtime.slot import LatestSlot
+from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
+
+log = logging.getLogger("edge_runtime.service")
+
+
+@dataclass
+class Progress:
+    """What the supervisor reads: when a stage last moved, and since when it has been on its current item."""
+
+    name: str
+    beat: float = field(default_factory=time.monotonic)
+    busy_since: float | None = None
+    processed: int = 0
+
+    def start_item(self) -> None:
+        self.busy_since = time.monotonic()
+
+    def end_item(self) -> None:
+        self.busy_since = None
+        self.processed += 1
+        self.beat = time.monotonic()
+
+    def stalled(self, timeout_s: float) -> bool:
+        return self.busy_since is not None and time.monotonic() - self.busy_since > timeout_s
+
+
+class ModelRunner:
+    """All loaded variants of one model, fastest last, so the budget controller can switch instantly."""
+
+    def __init__(self, service: Service, model: str) -> None:
+        cfg = service.config
+        registry = service.registry
+        manifest = registry.get(model)
+        kind = service.engine_kind
+        from edge_runtime.cli import engine_options
+
+        options = engine_options(cfg, kind)
+        precisions = [cfg.engine.precision] + [p for p in ("int8",) if p != cfg.engine.precision]
+        self.predictors: dict[str, Predictor] = {}
+        for precision in precisions:
+            try:
+                manifest.variant(kind, precision)
+            except EdgeError:
+                continue  # no such variant: nothing to step down to
+            predictor = Predictor.load(registry, model, kind, precision, options)
+            self.predictors[predictor.variant.id] = predictor
+        self.manifest = manifest
+        self.order = list(self.predictors)  # configured precision first, faster fallbacks after
+
+    def get(self, variant: str) -> Predictor:
+        return self.predictors[variant]
+
+
+class Service:
+    def __init__(self, config: Config) -> None:
+        from edge_runtime.cli import make_registry
+
+        self.config = config
+        self.registry = make_registry(config)
+        self.engine_kind = resolve_auto() if config.engine.kind == "auto" else config.engine.kind
+        self.identity = DeviceIdentity(config.device.id, config.device.site)
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.key = load_or_create_key(config.state_dir / "device.key")
+        self.metrics = Metrics()
+        self.stop_event = threading.Event()
+        self.runners: dict[str, ModelRunner] = {}
+        self.progress: dict[str, Progress] = {}
+        self.threads: list[threading.Thread] = []
+        self.live_sources: list = []
+        self.scps: list = []
+        self.budgets: dict[str, BudgetController] = {}
+        self.outbox = None
+        self.uplink = None
+        self.metrics_port: int | None = None
+        self.ready = threading.Event()
+        self.alarms: list[str] = []
+
+    # ------------------------------------------------------------ start-up
+    def start(self) -> None:
+        from edge_runtime.outbox import Outbox
+
+        t0 = time.monotonic()
+        if self.config.service.metrics_port:
+            self.metrics_port = self.metrics.serve(self.config.service.metrics_host, self.config.service.metrics_port)
+        self.outbox = Outbox.from_config(self.config)
+        for src in self.config.sources:
+            if src.model not in self.runners:
+                self.runners[src.model] = ModelRunner(self, src.model)
+        for src in self.config.sources:
+            self._start_source(src)
+        self.uplink = self._start_uplink()
+        self.ready_s = time.monotonic() - t0
+        self.metrics.ready.set(1)
+        self.ready.set()
+        sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s: {len(self.config.sources)} source(s)")
+        log.warning("ready in %.2f s: %s", self.ready_s,
+                    ", ".join(f"{s.name} ({s.kind}) -> {s.model}" for s in self.config.sources) or "no sources")
+
+    def _start_uplink(self):
+        from edge_runtime.uplink import Uplink
+
+        uplink = Uplink.from_config(self.outbox, self.config, self.identity)
+        if uplink is not None:
+            uplink.start()
+        return uplink
+
+    def _start_source(self, src: SourceSection) -> None:
+        runner = self.runners[src.model]
+        progress = self.progress[src.name] = Progress(src.name)
+        if src.kind in ("dicom-folder", "dicom-scp"):
+            from edge_runtime.sources.dicom_folder import DicomFolderSource
+
+            inbox = Path(src.inbox)
+            folder = DicomFolderSource(src.name, inbox, inbox.parent / f"{inbox.name}-done", inbox.parent / f"{inbox.name}-quarantine")
+            if src.kind == "dicom-scp":
+                from edge_runtime.sources.dicom_scp import DicomScp
+
+                scp = DicomScp(src.name, inbox, src.ae_title, src.host, src.port, src.allowed_callers)
+                scp.start()
+                self.scps.append(scp)
+            target, args = self._study_worker, (src, folder, runner, progress)
+        else:
+            slot: LatestSlot[Frame] = LatestSlot()
+            source = self._make_live_source(src, slot)
+            budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
+            self.budgets[src.name] = BudgetController(budget_ms, build_levels(runner.order, source.fps), name=src.name)
+            source.start()
+            self.live_sources.append(source)
+            target, args = self._live_worker, (src, source, slot, runner, progress)
+        thread = threading.Thread(target=self._guard, args=(target, args, progress), name=f"worker-{src.name}", daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _make_live_source(self, src: SourceSection, slot: LatestSlot):
+        if src.kind == "phantom":
+            from edge_runtime.sources.phantom import PhantomSource
+
+            return PhantomSource(src.name, slot, fps=src.fps or 30.0)
+        if src.kind == "cine":
+            from edge_runtime.sources.cine import CineSource
+
+            return CineSource(src.name, slot, src.path, self.key, fps=src.fps, loop=src.loop,
+                              max_pixel_bytes=self.config.imaging.max_pixel_bytes)
+        from edge_runtime.sources.video import VideoSource
+
+        return VideoSource(src.name, slot, src.device, fps=src.fps, pixel_spacing_mm=src.pixel_spacing_mm, loop=src.loop)
+
+    # ------------------------------------------------------------ workers
+    def _guard(self, target, args, progress: Progress) -> None:
+        """A bug in one worker must not take the daemon down silently: log, mark stalled, let the watchdog act."""
+        try:
+            target(*args)
+        except Exception:
+            log.exception("worker %s crashed", progress.name)
+            progress.busy_since = 0.0  # reads as stalled: the watchdog stops, systemd restarts us
+
+    def _commit(self, finding: dict, source_item: str | None) -> int | None:
+        return self.outbox.commit(finding, source_item=source_item)
+
+    def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
+        budget = self.budgets[src.name]
+        m = self.metrics
+        model = runner.manifest.name
+        dropped_seen = 0
+        while not self.stop_event.is_set():
+            frame = slot.get(0.2)
+            progress.beat = time.monotonic()
+            if slot.dropped > dropped_seen:
+                m.frames_dropped.labels(src.name).inc(slot.dropped - dropped_seen)
+                dropped_seen = slot.dropped
+            if frame is None:
+                continue
+            m.frames_in.labels(src.name).inc()
+            late_before, rate_before = budget.late, budget.rate_skipped
+            if not budget.admit((time.monotonic() - frame.captured_at) * 1000.0):
+                m.frames_late.labels(model).inc(budget.late - late_before)
+                m.frames_rate_skipped.labels(model).inc(budget.rate_skipped - rate_before)
+                continue
+            predictor = runner.get(budget.level.variant)
+            progress.start_item()
+            try:
+                prediction = predictor.predict(frame)
+                finding = self._finding(frame, predictor, prediction, budget.budget_ms)
+                self._commit(finding, None)
+            except EdgeError as exc:
+                m.input_errors.labels(src.name).inc()
+                log.warning("%s: %s", src.name, exc)
+                continue
+            finally:
+                progress.end_item()
+            self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, finding["priority"])
+            switch = budget.observe(prediction.capture_to_result_ms)
+            m.latency_p95.labels(model).set(budget.p95() or 0.0)
+            if switch is not None:
+                m.variant_switches.labels(model, "down" if switch.to_level > switch.from_level else "up").inc()
+                m.budget_level.labels(model).set(switch.to_level)
+
+    def _study_worker(self, src: SourceSection, folder, runner: ModelRunner, progress: Progress) -> None:
+        from edge_runtime.outbox import OutboxFull
+
+        m = self.metrics
+        predictor = runner.get(runner.order[0])  # studies are not live: always the best variant
+        budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
+        while not self.stop_event.is_set():
+            m.inbox_depth.labels(src.name).set(folder.depth())
+            item = folder.next_item()
+            progress.beat = time.monotonic()
+            if item is None:
+                self.stop_event.wait(0.25)
+                continue
+            m.frames_in.labels(src.name).inc()
+            progress.start_item()
+            try:
+                self._process_study(src, item, predictor, budget_ms)
+                item.done()
+            except InputError as exc:
+                m.input_errors.labels(src.name).inc()
+                m.quarantined.labels(src.name).inc()
+                log.warning("%s: quarantined %s: %s", src.name, item.path.name, exc.reason)
+                item.quarantine(exc.reason)
+            except OutboxFull as exc:
+                self._alarm(f"outbox full, {item.path.name} stays in the inbox: {exc.reason}")
+                item.release()
+            finally:
+                progress.end_item()
+
+    def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float) -> None:
+        manifest = predictor.manifest
+        t_open = time.monotonic()
+        inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
+        if inp.modality and manifest.modality and inp.modality not in manifest.modality:
+            raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+        if inp.meta is not None and inp.meta.instance_uid:
+            base = pseudonym(self.key, inp.meta.instance_uid)
+        else:
+            base = "sha256:" + hashlib.sha256(item.path.read_bytes()).hexdigest()
+        for index in range(inp.n_frames):
+            source_item = f"{base}#{index}"
+            if self.outbox.has_source_item(source_item):
+                continue  # committed before a crash: never a second finding
+            captured = t_open if index == 0 else time.monotonic()
+            meta = inp.meta
+            study = StudyRef(
+                pseudonym(self.key, meta.study_uid) if meta else "",
+                pseudonym(self.key, meta.series_uid) if meta else "",
+                pseudonym(self.key, meta.instance_uid) if meta else "",
+                inp.modality, index)
+            frame = Frame(inp.frame(index, manifest.windowing), src.kind, item.path.name, captured_at=captured,
+                          study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
+            frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
+            prediction = predictor.predict(frame)
+            finding = self._finding(frame, predictor, prediction, budget_ms)
+            self._commit(finding, source_item)
+            self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
+
+    def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
+        return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
+                             capture_to_result_ms=prediction.capture_to_result_ms, budget_ms=budget_ms)
+
+    def _record(self, model: str, frame: Frame, total_ms: float, budget_ms: float, priority: str) -> None:
+        m = self.metrics
+        for stage, ms in frame.timings_ms.items():
+            m.latency.labels(model, stage).observe(ms)
+        m.latency.labels(model, "capture_to_result").observe(total_ms)
+        if total_ms > budget_ms:
+            m.budget_misses.labels(model).inc()
+        m.findings.labels(model, priority).inc()
+
+    def _alarm(self, text: str) -> None:
+        if not self.alarms or self.alarms[-1] != text:
+            log.error("ALARM: %s", text)
+        self.alarms.append(text)
+        del self.alarms[:-100]
+
+    # ------------------------------------------------------------ supervision
+    def supervise_once(self) -> list[str]:
+        """Names of stalled stages; pings the watchdog only when there are none."""
+        timeout = self.config.service.stall_timeout_s
+        stalled = [p.name for p in self.progress.values() if p.stalled(timeout)]
+        if self.uplink is not None and not self.uplink.alive():
+            stalled.append("uplink")
+        for name in self.progress:
+            self.metrics.stalled.labels(name).set(1 if name in stalled else 0)
+        if not stalled:
+            sd_notify("WATCHDOG=1")
+        else:
+            log.error("stalled: %s; withholding the watchdog ping", ", ".join(stalled))
+        self._update_gauges()
+        return stalled
+
+    def _update_gauges(self) -> None:
+        if self.outbox is not None:
+            for priority, count in self.outbox.pending_by_priority().items():
+                self.metrics.outbox_depth.labels(priority).set(count)
+        if self.uplink is not None:
+            self.metrics.link_up.set(1 if self.uplink.connected else 0)
+
+    def run_forever(self) -> int:
+        """Start, supervise until SIGTERM/SIGINT, stop cleanly. Returns the exit status."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop_event.set())
+        self.start()
+        interval = min(watchdog_interval_s() or 2.0, 2.0)
+        while not self.stop_event.wait(interval):
+            self.supervise_once()
+        return self.stop()
+
+    def stop(self) -> int:
+        sd_notify("STOPPING=1")
+        self.stop_event.set()
+        deadline = time.monotonic() + self.config.service.stop_timeout_s
+        for scp in self.scps:
+            scp.stop()
+        for source in self.live_sources:
+            source.stop(timeout=max(0.1, deadline - time.monotonic()))
+        for thread in self.threads:
+            thread.join(timeout=max(0.1, deadline - time.monotonic()))
+        status = 0
+        if any(t.is_alive() for t in self.threads):
+            log.error("a worker did not finish within %.0f s", self.config.service.stop_timeout_s)
+            status = 1
+        if self.uplink is not None:
+            self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
+        if self.outbox is not None:
+            self.outbox.close()
+        self.metrics.shutdown()
+        return status
