@@ -7,9 +7,10 @@ import os
 import socket
 import time
 import urllib.request
-from typing import Any
+from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS_MS = (1, 2, 5, 10, 15, 20, 25, 33, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
@@ -41,6 +42,12 @@ class Metrics:
         self.started = Gauge("edge_start_time_seconds", "Unix time the daemon started", registry=r)
         self.started.set(time.time())
         self._server = None
+        self._live = _LiveStats()
+        r.register(self._live)
+
+    def watch(self, prefix: str, stats: Callable[[], dict[str, Any]], counters: tuple[str, ...], gauges: tuple[str, ...] = ()) -> None:
+        """Export a component's own counters (uplink, outbox) read at scrape time, so they are never stale."""
+        self._live.sources.append((prefix, stats, counters, gauges))
 
     def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
         """Start the HTTP endpoint; returns the port (0 picks a free one)."""
@@ -51,6 +58,31 @@ class Metrics:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+
+class _LiveStats:
+    """A prometheus collector over `stats()` dicts: numbers the components keep themselves."""
+
+    def __init__(self) -> None:
+        self.sources: list[tuple[str, Callable[[], dict[str, Any]], tuple[str, ...], tuple[str, ...]]] = []
+
+    def describe(self):
+        return []  # values are read at scrape time; nothing to check at registration
+
+    def collect(self):
+        for prefix, stats, counters, gauges in self.sources:
+            try:
+                values = stats()
+            except Exception:  # a closed component must not break the endpoint
+                continue
+            for key in counters:
+                if isinstance(values.get(key), (int, float)):
+                    yield CounterMetricFamily(f"{prefix}_{key}", f"{prefix.removeprefix('edge_')} {key.replace('_', ' ')}",
+                                              value=values[key])
+            for key in gauges:
+                if isinstance(values.get(key), (int, float)):
+                    yield GaugeMetricFamily(f"{prefix}_{key}", f"{prefix.removeprefix('edge_')} {key.replace('_', ' ')}",
+                                            value=values[key])
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]]:

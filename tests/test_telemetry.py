@@ -62,3 +62,20 @@ def test_watchdog_interval(monkeypatch):
     assert watchdog_interval_s() == 10.0
     monkeypatch.setenv("WATCHDOG_PID", "1")
     assert watchdog_interval_s() is None
+
+
+def test_component_stats_are_exported_at_scrape_time():
+    m = Metrics()
+    counts = {"published": 3, "acked": 2, "inflight": 1, "state": "connected"}
+    m.watch("edge_uplink", lambda: counts, counters=("published", "acked", "missing"), gauges=("inflight",))
+    m.watch("edge_broken", lambda: 1 / 0, counters=("x",))  # a failing component does not break the endpoint
+    port = m.serve("127.0.0.1", 0)
+    try:
+        counts["acked"] = 3
+        s = scrape(f"http://127.0.0.1:{port}/metrics")
+        assert s["edge_uplink_published_total"] == [({}, 3.0)]
+        assert s["edge_uplink_acked_total"] == [({}, 3.0)]  # the value when scraped, not when registered
+        assert s["edge_uplink_inflight"] == [({}, 1.0)]
+        assert "edge_uplink_missing_total" not in s and "edge_broken_x_total" not in s
+    finally:
+        m.shutdown()
