@@ -166,8 +166,9 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.service import Service
     from edge_runtime.telemetry import setup_logging
 
-    if not config.source_path:
-        raise EdgeError("run", "needs --config FILE with at least one [[sources]] table (see README: Configuration)")
+    if not config.source_path or not config.sources:
+        where = config.source_path or "run"
+        raise EdgeError(where, "the daemon needs --config FILE with at least one [[sources]] table (see README: Running the daemon)")
     setup_logging(args.verbose, config.service.log_format)
     return Service(config).run_forever()
 

@@ -32,6 +32,11 @@ from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
 
 log = logging.getLogger("edge_runtime.service")
 
+# Counters the outbox and the uplink keep themselves, exported as edge_outbox_* / edge_uplink_* at scrape time.
+OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms")
+UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
+                   "connect_failures", "errors")
+
 
 @dataclass
 class Progress:
@@ -113,6 +118,7 @@ class Service:
         if self.config.service.metrics_port:
             self.metrics_port = self.metrics.serve(self.config.service.metrics_host, self.config.service.metrics_port)
         self.outbox = Outbox.from_config(self.config)
+        self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS, gauges=("rows", "bytes"))
         for src in self.config.sources:
             if src.model not in self.runners:
                 self.runners[src.model] = ModelRunner(self, src.model)
@@ -131,6 +137,7 @@ class Service:
 
         uplink = Uplink.from_config(self.outbox, self.config, self.identity)
         if uplink is not None:
+            self.metrics.watch("edge_uplink", uplink.stats, counters=UPLINK_COUNTERS, gauges=("inflight", "window"))
             uplink.start()
         return uplink
 

@@ -1,0 +1,306 @@
+"""The daemon end to end: live and study sources through the shipped models into the outbox, the budget
+controller against a deliberately slow engine, the watchdog against a stuck or crashed stage, `status`, and a
+clean SIGTERM stop of the real `edge-runtime run` process."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import CR_CHEST, REPO, needs_shared
+from mqtt_helpers import Broker, free_port, needs_mosquitto, wait_until
+
+from edge_runtime.config import load_config
+from edge_runtime.service import Service
+
+
+def write_config(tmp_path: Path, sources: str, extra: str = "", stall_timeout_s: float = 20.0, metrics_port: int = 0) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(
+        f'[device]\nid = "test-scanner"\nsite = "test-clinic"\nstate_dir = "{tmp_path / "state"}"\n\n'
+        '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n\n'
+        f"[service]\nmetrics_port = {metrics_port}\nstall_timeout_s = {stall_timeout_s}\nstop_timeout_s = 10\n\n"
+        + extra + "\n" + sources
+    )
+    return path
+
+
+PHANTOM = '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 30\n'
+
+
+def folder_source(inbox: Path) -> str:
+    return f'[[sources]]\nname = "xray"\nkind = "dicom-folder"\nmodel = "cxr-pneumonia"\ninbox = "{inbox}"\n'
+
+
+def outbox_rows(state: Path) -> list[dict]:
+    conn = sqlite3.connect(state / "outbox.sqlite")
+    try:
+        return [json.loads(p) for (p,) in conn.execute("SELECT payload FROM findings ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def sample(service: Service, name: str, **labels) -> float:
+    return service.metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def running():
+    """Start a Service from a config file; always stopped at the end."""
+    started: list[Service] = []
+
+    def start(config_path: Path) -> Service:
+        service = Service(load_config(config_path))
+        started.append(service)
+        service.start()
+        return service
+
+    yield start
+    for service in started:
+        if not service.stop_event.is_set():
+            service.stop()
+
+
+def test_phantom_findings_are_committed_with_latency_breakdown(tmp_path, running):
+    service = running(write_config(tmp_path, PHANTOM))
+    assert service.ready.is_set()
+    wait_until(lambda: sample(service, "edge_findings_total", model="fetal-head", priority="routine") >= 20, 30,
+               what="20 fetal-head findings")
+    assert service.stop() == 0
+    rows = outbox_rows(tmp_path / "state")
+    assert len(rows) >= 20
+    f = rows[-1]
+    assert f["model"]["name"] == "fetal-head" and f["source"] == {"kind": "phantom", "name": "probe"}
+    assert f["device_id"] == "test-scanner" and f["site"] == "test-clinic"
+    assert set(f["latency_ms"]) >= {"capture_to_result", "preprocess", "inference", "postprocess"}
+    assert f["budget_ms"] > 0 and isinstance(f["budget_met"], bool)
+    assert [r["seq"] for r in rows] == sorted({r["seq"] for r in rows})  # the outbox numbers them, no gaps reused
+    hcs = [r["result"]["measurements"].get("head_circumference_mm") for r in rows if r["result"].get("measurements")]
+    assert hcs and all(h is None or 100 < h < 400 for h in hcs)
+    assert sample(service, "edge_frames_in_total", source="probe") >= len(rows)
+
+
+def test_slow_engine_steps_down_to_the_int8_variant_and_stays(tmp_path, running):
+    service = running(write_config(tmp_path, PHANTOM))
+    runner = service.runners["fetal-head"]
+    assert runner.order[0] == "fp32" and any("int8" in v for v in runner.order[1:]), runner.order
+    fp32 = runner.get("fp32").engine
+    fast_run = fp32.run
+
+    def slow_run(x):  # a board whose FP32 path cannot keep up with 30 fps
+        time.sleep(0.06)
+        return fast_run(x)
+
+    fp32.run = slow_run
+    budget = service.budgets["probe"]
+    wait_until(lambda: budget.index >= 1, 30, what="a step down")
+    assert "int8" in budget.level.variant
+    assert budget.switches[0].reason.startswith("p95") and "over budget" in budget.switches[0].reason
+    assert sample(service, "edge_variant_switches_total", model="fetal-head", direction="down") >= 1
+    wait_until(lambda: any(r["model"]["precision"] == "int8" for r in outbox_rows(tmp_path / "state")), 15,
+               what="an int8 finding")
+    time.sleep(4.0)  # more than a dwell: the predicted p95 above (~70 ms) is over budget, so no step back up
+    assert budget.index >= 1
+    assert sample(service, "edge_variant_switches_total", model="fetal-head", direction="up") == 0
+
+
+class NotifySocket:
+    """What systemd sees: a datagram socket at $NOTIFY_SOCKET."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.dir = tempfile.mkdtemp(prefix="notify-", dir="/tmp")  # AF_UNIX paths are short
+        self.path = os.path.join(self.dir, "sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.settimeout(0.05)
+        monkeypatch.setenv("NOTIFY_SOCKET", self.path)
+
+    def messages(self) -> list[str]:
+        out = []
+        while True:
+            try:
+                out.append(self.sock.recv(4096).decode())
+            except (socket.timeout, BlockingIOError):
+                return out
+
+    def close(self) -> None:
+        self.sock.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def test_watchdog_is_withheld_while_inference_is_stuck(tmp_path, running, monkeypatch):
+    notify = NotifySocket(monkeypatch)
+    try:
+        service = running(write_config(tmp_path, PHANTOM, stall_timeout_s=0.5))
+        assert any(m.startswith("READY=1") for m in notify.messages())  # only once models are warm
+        assert service.supervise_once() == []
+        assert "WATCHDOG=1" in notify.messages()
+
+        engine = service.runners["fetal-head"].get("fp32").engine
+        fast_run, release = engine.run, threading.Event()
+        stuck = threading.Event()
+
+        def hung_run(x):
+            stuck.set()
+            release.wait(30)
+            return fast_run(x)
+
+        engine.run = hung_run
+        assert stuck.wait(10)
+        time.sleep(0.7)
+        assert service.supervise_once() == ["probe"]
+        assert "WATCHDOG=1" not in notify.messages()  # systemd's WatchdogSec runs out and restarts us
+        assert sample(service, "edge_stage_stalled", stage="probe") == 1
+
+        engine.run = fast_run
+        release.set()
+        wait_until(lambda: service.progress["probe"].busy_since is None, 10, what="the stage to move again")
+        assert service.supervise_once() == []
+        assert "WATCHDOG=1" in notify.messages()
+    finally:
+        notify.close()
+
+
+def test_a_crashed_worker_stops_the_watchdog(tmp_path, running, monkeypatch):
+    notify = NotifySocket(monkeypatch)
+    try:
+        service = running(write_config(tmp_path, PHANTOM, stall_timeout_s=0.5))
+        engine = service.runners["fetal-head"].get("fp32").engine
+
+        def broken(x):
+            raise RuntimeError("driver fault")
+
+        engine.run = broken
+        wait_until(lambda: not service.threads[0].is_alive(), 10, what="the worker to die")
+        notify.messages()
+        assert service.supervise_once() == ["probe"]
+        assert "WATCHDOG=1" not in notify.messages()
+    finally:
+        notify.close()
+
+
+@needs_shared
+def test_study_committed_before_a_crash_gives_no_second_finding(tmp_path, running):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(CR_CHEST, inbox / "chest.dcm")
+    config = write_config(tmp_path, folder_source(inbox))
+    service = running(config)
+    wait_until(lambda: (tmp_path / "inbox-done" / "chest.dcm").exists(), 60, what="chest.dcm in done/")
+    assert service.stop() == 0
+    first = outbox_rows(tmp_path / "state")
+    assert len(first) == 1 and first[0]["model"]["name"] == "cxr-pneumonia"
+    assert first[0]["study"]["modality"] == "CR" and first[0]["result"]["label"] in ("normal", "pneumonia")
+
+    # A crash between the commit and the move leaves the same file in the inbox: it is retried, not re-counted.
+    shutil.copy(CR_CHEST, inbox / "chest-again.dcm")
+    service = running(config)
+    wait_until(lambda: (tmp_path / "inbox-done" / "chest-again.dcm").exists(), 60, what="the retried file in done/")
+    assert service.stop() == 0
+    assert [r["finding_id"] for r in outbox_rows(tmp_path / "state")] == [first[0]["finding_id"]]
+
+
+def edge_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edge_runtime", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@needs_shared
+def test_run_quarantines_bad_input_reports_status_and_stops_cleanly_on_sigterm(tmp_path):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    (inbox / "truncated.dcm").write_bytes(CR_CHEST.read_bytes()[:4096])
+    (inbox / "notes.dcm").write_bytes(b"not a dicom file")
+    port = free_port()
+    config = write_config(tmp_path, PHANTOM + "\n" + folder_source(inbox), metrics_port=port)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "--config", str(config), "run"], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        quarantine = tmp_path / "inbox-quarantine"
+        wait_until(lambda: (quarantine / "notes.dcm.reason.txt").exists() and (quarantine / "truncated.dcm.reason.txt").exists(),
+                   90, what="both bad files quarantined")
+        assert "DICOM" in (quarantine / "notes.dcm.reason.txt").read_text()
+        # The daemon goes on: a good study dropped after the bad ones is processed.
+        shutil.copy(CR_CHEST, inbox / "chest.dcm.part")
+        os.rename(inbox / "chest.dcm.part", inbox / "chest.dcm")
+        wait_until(lambda: (tmp_path / "inbox-done" / "chest.dcm").exists(), 60, what="chest.dcm in done/")
+        assert proc.poll() is None
+
+        status = edge_cli("--config", str(config), "status", "--json")
+        assert status.returncode == 0, status.stderr
+        report = json.loads(status.stdout)
+        assert report["ready"] is True and report["link_up"] is False
+        assert report["sources"]["xray"]["quarantined"] == 2 and report["sources"]["xray"]["errors"] == 2
+        assert report["sources"]["probe"]["frames_in"] > 0
+        assert report["models"]["fetal-head"]["p50_ms"] > 0
+        assert report["models"]["cxr-pneumonia"]["findings"]
+        table = edge_cli("--config", str(config), "status")
+        assert table.returncode == 0 and "fetal-head" in table.stdout and "xray" in table.stdout
+
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "quarantined notes.dcm" in err and "Traceback" not in err
+    rows = outbox_rows(tmp_path / "state")
+    assert sum(r["model"]["name"] == "cxr-pneumonia" for r in rows) == 1
+    assert sum(r["model"]["name"] == "fetal-head" for r in rows) > 10
+
+    gone = edge_cli("--config", str(config), "status")
+    assert gone.returncode != 0 and len(gone.stderr.strip().splitlines()) == 1 and "no daemon" in gone.stderr
+
+
+def test_run_without_sources_is_a_one_line_error(tmp_path):
+    config = write_config(tmp_path, "")
+    result = edge_cli("--config", str(config), "run")
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "sources" in result.stderr
+
+
+@needs_mosquitto
+def test_findings_reach_a_collector_when_the_broker_appears(tmp_path, running):
+    from edge_runtime.collector import Collector
+
+    broker = Broker(tmp_path / "broker")
+    mqtt = (f'[mqtt]\nbroker = "{broker.url}"\nreconnect_min_s = 0.2\nreconnect_max_s = 0.5\n'
+            "telemetry_interval_s = 0\n")
+    service = running(write_config(tmp_path, PHANTOM, extra=mqtt))
+    wait_until(lambda: sample(service, "edge_findings_total", model="fetal-head", priority="routine") >= 30, 30,
+               what="a backlog while offline")
+    assert service.uplink.connected is False
+    broker.start()
+    collector = Collector(broker.url, tmp_path / "hub.sqlite", client_id="hub-test").start()
+    try:
+        assert collector.subscribed.wait(15)
+        wait_until(lambda: service.uplink.connected, 15, what="the uplink to connect")
+        wait_until(lambda: sample(service, "edge_outbox_delivered_total") >= 30, 30, what="the backlog to drain")
+        service.supervise_once()
+        assert sample(service, "edge_link_up") == 1
+        assert sample(service, "edge_uplink_acked_total") >= 30
+        assert service.stop() == 0
+        conn = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
+        delivered = {fid for (fid,) in conn.execute("SELECT finding_id FROM findings WHERE state != 0")}
+        committed = {fid for (fid,) in conn.execute("SELECT finding_id FROM findings")}
+        conn.close()
+        # Every finding the broker acknowledged reaches the subscribed collector.
+        wait_until(lambda: collector.stats()["stored"] >= len(delivered), 15, what="the collector to store the delivered")
+    finally:
+        collector.stop()
+        broker.stop()
+    hub = sqlite3.connect(tmp_path / "hub.sqlite")
+    received = {fid for (fid,) in hub.execute("SELECT finding_id FROM findings")}
+    hub.close()
+    assert delivered <= received <= committed and len(delivered) >= 30
