@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="run both shipped models on embedded inputs (phantom, chest CR)")
-    p.add_argument("--seconds", type=float, default=10.0, help="how long the live phantom runs (default 10)")
+    p.add_argument("--seconds", type=float, default=30.0, help="how long the daemon runs (default 30)")
     p.set_defaults(func=cmd_demo)
 
     from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`

@@ -1,14 +1,17 @@
-"""`edge-runtime demo`: both shipped models on embedded inputs, on this machine, in about 20 seconds.
+"""`edge-runtime demo`: the daemon itself on an embedded default, for about 30 seconds.
 
-- The fetal head phantom at 30 fps into `fetal-head`: live fps, latency p50/p99 against the budget, the
-  measured head circumference against the phantom's known one.
-- A real chest CR (RG1_J2KR.dcm, JPEG 2000, from the pydicom-data package of the `demo` extra) into
-  `cxr-pneumonia`.
-Everything runs through the same preprocess -> engine -> head path as `infer`, and prints findings as JSON.
+- `probe`: the fetal head phantom at 30 fps into `fetal-head` (live: newest frame wins, latency budget).
+- `xray`: a real chest CR (RG1_J2KR.dcm, JPEG 2000, from the pydicom-data package of the `demo` extra) dropped
+  into a temporary inbox for `cxr-pneumonia` (a study: never dropped, moved to done/ once committed).
+- The device starts offline: findings queue in the outbox. Part-way through, a private Mosquitto starts on a
+  free loopback port (when the binary exists) with a collector subscribed, and the backlog drains.
+A live view shows fps, latency p50/p99 against the budget, drops, late frames, findings, the outbox and the
+link; the summary checks that every finding the collector should have is there.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
+import shutil
 import statistics
 import sys
 import time
@@ -16,9 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding
-from edge_runtime.frames import Frame
-from edge_runtime.sources.phantom import Phantom, PhantomSpec
+from edge_runtime.config import Config, MqttSection, ServiceSection, SourceSection
 
 DEMO_DICOM = "RG1_J2KR.dcm"
 
@@ -28,7 +29,7 @@ def find_demo_dicom() -> Path | None:
     try:
         from pydicom.data import get_testdata_file
 
-        path = get_testdata_file(DEMO_DICOM)
+        path = get_testdata_file(DEMO_DICOM, download=False)  # never fetch data at run time
         if path:
             return Path(path)
     except (ImportError, ValueError, OSError):
@@ -37,94 +38,223 @@ def find_demo_dicom() -> Path | None:
     return shared if shared.is_file() else None
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(np.percentile(values, q)) if values else float("nan")
+def demo_config(config: Config, inbox: Path | None, broker_url: str) -> Config:
+    """The embedded default: the user's device and engine settings, the demo's sources, outbox and link."""
+    sources = [SourceSection(name="probe", kind="phantom", model="fetal-head", fps=30.0)]
+    if inbox is not None:
+        sources.append(SourceSection(name="xray", kind="dicom-folder", model="cxr-pneumonia", inbox=str(inbox)))
+    mqtt = MqttSection(broker=broker_url, reconnect_min_s=0.5, reconnect_max_s=2.0, connect_timeout_s=2.0,
+                       telemetry_interval_s=0.0) if broker_url else MqttSection()
+    return dataclasses.replace(config, sources=sources, mqtt=mqtt,
+                               service=dataclasses.replace(config.service, metrics_port=0))
 
 
-def run_demo(args, config) -> int:
-    from edge_runtime.cli import engine_options, make_registry, study_ref
-    from edge_runtime.engines import resolve_auto
-    from edge_runtime.imaging.deid import load_or_create_key
-    from edge_runtime.imaging.inputs import open_input
-    from edge_runtime.pipeline import Predictor
+class Window:
+    """Findings read back from the outbox as they are committed: the demo sees exactly what would be sent."""
+
+    def __init__(self) -> None:
+        self.next_seq = 1
+        self.latency: dict[str, list[float]] = {}
+        self.budget: dict[str, float] = {}
+        self.hc: list[float] = []
+        self.frames = 0
+        self.cxr: list[dict] = []
+        self.ids: set[str] = set()
+
+    def read(self, outbox) -> list[dict]:
+        end = outbox.stats()["next_seq"]
+        new = [f for f in (outbox.payload(s) for s in range(self.next_seq, end)) if f is not None]
+        self.next_seq = end
+        for f in new:
+            name = f["model"]["name"]
+            self.ids.add(f["finding_id"])
+            self.latency.setdefault(name, []).append(f["latency_ms"]["capture_to_result"])
+            self.budget[name] = f["budget_ms"]
+            if name == "fetal-head":
+                self.frames += 1
+                hc = f["result"].get("measurements", {}).get("head_circumference_mm")
+                if hc is not None:
+                    self.hc.append(hc)
+            elif name == "cxr-pneumonia":
+                self.cxr.append(f)
+        return new
+
+    def percentile(self, model: str, q: float, last: int = 0) -> float | None:
+        values = self.latency.get(model, [])[-last:] if last else self.latency.get(model, [])
+        return float(np.percentile(values, q)) if values else None
+
+
+def ms(value: float | None) -> str:
+    return "   -  " if value is None else f"{value:6.1f}"
+
+
+class View:
+    """One line per second when piped; on a terminal, a block redrawn in place."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+        self.tty = out.isatty()
+        self.drawn = 0
+
+    def show(self, lines: list[str]) -> None:
+        if self.tty:
+            if self.drawn:
+                self.out.write(f"\x1b[{self.drawn}F")
+            self.out.write("".join(f"\x1b[2K{line}\n" for line in lines))
+            self.drawn = len(lines)
+        else:
+            self.out.write("  ".join(line.strip() for line in lines) + "\n")
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.drawn = 0
+        self.out.write(text + "\n")
+        self.out.flush()
+
+
+def run_demo(args, config: Config) -> int:
+    from edge_runtime.collector import Collector
+    from edge_runtime.local_broker import LocalBroker, find_mosquitto, free_port
+    from edge_runtime.service import Service
+    from edge_runtime.sources.phantom import PhantomSpec
 
     out = sys.stdout
-    t_start = time.monotonic()
-    registry = make_registry(config)
-    kind = resolve_auto() if config.engine.kind == "auto" else config.engine.kind
-    options = engine_options(config, kind)
-    fetal = Predictor.load(registry, "fetal-head", kind, config.engine.precision, options)
-    cxr = Predictor.load(registry, "cxr-pneumonia", kind, config.engine.precision, options)
-    ready_s = time.monotonic() - t_start
-    identity = DeviceIdentity(config.device.id, config.device.site)
-    seq = SequenceCounter(config.state_dir / "demo.seq")
-    key = load_or_create_key(config.state_dir / "device.key")
-    print(f"edge-runtime demo: models warm on {kind} in {ready_s:.2f} s", file=out)
-    for p in (fetal, cxr):
-        print(f"  {p.ref.name} v{p.ref.version} [{p.ref.variant}] on {p.ref.engine}/{p.ref.device} "
-              f"({p.ref.compute_precision}), budget {p.manifest.latency_budget_ms:.0f} ms", file=out)
-
-    # 1. Live phantom at 30 fps.
-    spec = PhantomSpec()
-    phantom = Phantom(spec)
-    fps, seconds = 30.0, float(args.seconds)
-    latencies: list[float] = []
-    hcs: list[float] = []
-    misses = late = 0
-    n_frames = int(fps * seconds)
-    t0 = time.monotonic()
-    last_print = t0
-    print(f"\nfetal-head: phantom at {fps:.0f} fps for {seconds:.0f} s, true head circumference {spec.head_circumference_mm:.1f} mm",
-          file=out)
-    for i in range(n_frames):
-        due = t0 + i / fps
-        now = time.monotonic()
-        if now < due:
-            time.sleep(due - now)
-        elif now - due > 1.0 / fps:
-            late += 1  # the loop fell a whole frame behind: a live source would have dropped this frame
-            continue
-        frame = Frame(phantom.frame(i), "phantom", "phantom", captured_at=time.monotonic(),
-                      pixel_spacing_mm=(spec.pixel_spacing_mm, spec.pixel_spacing_mm))
-        pred = fetal.predict(frame)
-        latencies.append(pred.capture_to_result_ms)
-        misses += pred.capture_to_result_ms > fetal.manifest.latency_budget_ms
-        hc = pred.head.result.get("measurements", {}).get("head_circumference_mm")
-        if hc is not None:
-            hcs.append(hc)
-        if time.monotonic() - last_print >= 1.0 or i == n_frames - 1:
-            last_print = time.monotonic()
-            elapsed = last_print - t0
-            done = len(latencies)
-            print(f"  t={elapsed:5.1f}s  fps={done / elapsed:5.1f}  latency p50={percentile(latencies, 50):5.1f} ms "
-                  f"p99={percentile(latencies, 99):5.1f} ms (budget {fetal.manifest.latency_budget_ms:.0f})  "
-                  f"late={late}  misses={misses}  HC={hc if hc is not None else '-'} mm", file=out, flush=True)
-    detected = len(hcs) / max(1, len(latencies))
-    hc_text = (f"median HC {statistics.median(hcs):.1f} mm vs true {spec.head_circumference_mm:.1f} mm "
-               f"(head found in {detected:.0%} of frames)") if hcs else "no head found in any frame"
-
-    # 2. A real chest CR.
-    print("\ncxr-pneumonia: chest CR, JPEG 2000", file=out)
+    seconds = float(args.seconds)
+    state = config.state_dir
     dicom = find_demo_dicom()
-    cxr_line = "skipped: RG1_J2KR.dcm not found (install the demo extra: pip install 'edge-runtime[demo]')"
+    inbox = None
     if dicom is not None:
-        inp = open_input(dicom, config.imaging.max_pixel_bytes)
-        captured = time.monotonic()
-        frame = Frame(inp.frame(0, cxr.manifest.windowing), "file", str(dicom), captured_at=captured,
-                      study=study_ref(inp, key, 0), pixel_spacing_mm=inp.pixel_spacing_mm)
-        frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-        pred = cxr.predict(frame)
-        finding = build_finding(identity=identity, seq=seq.next(), frame=frame, model=cxr.ref, head=pred.head,
-                                capture_to_result_ms=pred.capture_to_result_ms, budget_ms=cxr.manifest.latency_budget_ms)
-        print(json.dumps(finding, indent=2), file=out)
-        r = finding["result"]
-        cxr_line = (f"{r['label']} (p(pneumonia)={r['probabilities']['pneumonia']:.3f}, threshold {r['threshold']}), "
-                    f"priority {finding['priority']}, {finding['latency_ms']['capture_to_result']:.0f} ms incl. decode")
+        inbox = state / "inbox"
+        inbox.mkdir(parents=True, exist_ok=True)
+        shutil.copy(dicom, inbox / dicom.name)
+    mosquitto = find_mosquitto()
+    broker = LocalBroker(state / "broker", binary=mosquitto) if mosquitto else None
+    cfg = demo_config(config, inbox, broker.url if broker else "")
+    offline_s = min(12.0, seconds * 0.4)
 
+    print(f"edge-runtime demo: the daemon for {seconds:.0f} s on this machine (state in {state})", file=out)
+    service = Service(cfg)
+    service.start()
+    for name, runner in service.runners.items():
+        best = runner.get(runner.order[0]).ref
+        print(f"  {name} v{best.version}: variants {', '.join(runner.order)} on {best.engine}/{best.device} "
+              f"({best.compute_precision}), budget {runner.manifest.latency_budget_ms:.0f} ms", file=out)
+    print(f"  ready in {service.ready_s:.2f} s (every variant loaded and warm)", file=out)
+    if dicom is None:
+        print("  xray: skipped, RG1_J2KR.dcm not found (install the demo extra: pip install 'edge-runtime[demo]')", file=out)
+    if broker is None:
+        print("  uplink: mosquitto not installed, findings stay queued in the outbox (apt install mosquitto)", file=out)
+    else:
+        print(f"  uplink: offline for the first {offline_s:.0f} s; then a local Mosquitto on {broker.url} and a collector",
+              file=out)
+    print(file=out)
+
+    view = View(out)
+    window = Window()
+    collector = None
+    m = service.metrics
+    t0 = time.monotonic()
+    last_frames, last_t = 0, t0
+    fps = 0.0
+    try:
+        while True:
+            elapsed = time.monotonic() - t0
+            if elapsed >= seconds:
+                break
+            if broker is not None and collector is None and elapsed >= offline_s:
+                broker.start()
+                collector = Collector(broker.url, state / "hub.sqlite", client_id="edge-demo-hub",
+                                      reconnect_max_s=2.0).start()
+                collector.subscribed.wait(5)
+                view.note(f"  -- t={elapsed:4.1f}s: Mosquitto started on {broker.url}, collector subscribed; "
+                          "the backlog drains --")
+            service.stop_event.wait(1.0)
+            service.supervise_once()
+            for f in window.read(service.outbox):
+                if f["model"]["name"] == "cxr-pneumonia":
+                    r = f["result"]
+                    view.note(f"  xray {f['source']['name']}: {r['label']} p(pneumonia)={r['probabilities']['pneumonia']:.3f} "
+                              f"(threshold {r['threshold']:.3f}), priority {f['priority']}, "
+                              f"{f['latency_ms']['capture_to_result']:.0f} ms incl. decode")
+            now = time.monotonic()
+            fps = (window.frames - last_frames) / max(1e-6, now - last_t)
+            last_frames, last_t = window.frames, now
+            view.show(status_lines(service, window, m, now - t0, fps, collector))
+    finally:
+        status = service.stop()
+        states = stored_states(service.outbox.path)
+        if collector is not None:
+            delivered = sum(1 for st in states.values() if st == "delivered")
+            deadline = time.monotonic() + 5.0  # acknowledged by the broker: let the hub store them too
+            while collector.stats()["stored"] < delivered and time.monotonic() < deadline:
+                time.sleep(0.1)
+            collector.stop()
+        if broker is not None:
+            broker.stop()
+
+    # Summary.
+    spec = PhantomSpec()
+    budget = window.budget.get("fetal-head", 0.0)
+    p50, p99 = window.percentile("fetal-head", 50), window.percentile("fetal-head", 99)
+    value = lambda name, **labels: m.registry.get_sample_value(name, labels) or 0.0  # noqa: E731
     print("\nSummary", file=out)
-    print(f"  ready in {ready_s:.2f} s (both models loaded and warm)", file=out)
-    print(f"  fetal-head: {len(latencies)} frames, p50 {percentile(latencies, 50):.1f} ms, p99 {percentile(latencies, 99):.1f} ms, "
-          f"{misses} budget misses, {late} late frames skipped; {hc_text}", file=out)
-    print(f"  cxr-pneumonia: {cxr_line}", file=out)
-    print("  Not for diagnostic use: demonstration of the runtime on a phantom and a public test image.", file=out)
-    return 0
+    print(f"  ready in {service.ready_s:.2f} s; stopped cleanly: {'yes' if status == 0 else 'no'}", file=out)
+    hc = (f"median HC {statistics.median(window.hc):.1f} mm vs the phantom's {spec.head_circumference_mm:.1f} mm "
+          f"(head found in {len(window.hc) / max(1, window.frames):.0%} of frames)") if window.hc else "no head found"
+    print(f"  fetal-head: {window.frames} findings; capture->result p50 {ms(p50).strip()} ms, p99 {ms(p99).strip()} ms "
+          f"against a {budget:.0f} ms budget; {int(value('edge_budget_misses_total', model='fetal-head'))} misses, "
+          f"{int(value('edge_frames_dropped_total', source='probe'))} frames overwritten, "
+          f"{int(value('edge_frames_late_total', model='fetal-head'))} late skipped, "
+          f"{int(value('edge_variant_switches_total', model='fetal-head', direction='down'))} step(s) down; {hc}", file=out)
+    for f in window.cxr:
+        r = f["result"]
+        print(f"  cxr-pneumonia: {r['label']} (p(pneumonia)={r['probabilities']['pneumonia']:.3f}), priority {f['priority']}",
+              file=out)
+    if collector is not None:
+        received = hub_ids(state / "hub.sqlite")
+        # A finding the collector has but whose PUBACK had not arrived stays pending: resent later, same finding_id.
+        queued = {fid for fid, st in states.items() if st == "pending"} - received
+        lost = window.ids - received - queued
+        print(f"  uplink: {len(window.ids)} findings committed; {len(received & window.ids)} reached the collector, "
+              f"{len(queued)} still queued at stop (kept in the outbox for the next link), {len(lost)} lost", file=out)
+        if lost:
+            status = 1
+    print("  Not for diagnostic use: a demonstration on a phantom and a public test image.", file=out)
+    return status
+
+
+def status_lines(service, window: Window, m, elapsed: float, fps: float, collector) -> list[str]:
+    value = lambda name, **labels: m.registry.get_sample_value(name, labels) or 0.0  # noqa: E731
+    budget = service.budgets.get("probe")
+    level = budget.level.describe() if budget else "-"
+    p50, p99 = window.percentile("fetal-head", 50, last=300), window.percentile("fetal-head", 99, last=300)
+    pending = service.outbox.pending_by_priority()
+    link = "up" if service.uplink is not None and service.uplink.connected else "down"
+    hub = f", hub {collector.stats()['stored']}" if collector is not None else ""
+    return [
+        f"t={elapsed:4.0f}s  fetal-head {fps:4.1f} fps  p50 {ms(p50)} p99 {ms(p99)} ms / budget "
+        f"{window.budget.get('fetal-head', 0):.0f}  dropped {int(value('edge_frames_dropped_total', source='probe'))}  "
+        f"late {int(value('edge_frames_late_total', model='fetal-head'))}  "
+        f"misses {int(value('edge_budget_misses_total', model='fetal-head'))}  [{level}]",
+        f"        findings {len(window.ids)} (cxr {len(window.cxr)})  outbox pending {pending.get('urgent', 0)} urgent / "
+        f"{pending.get('routine', 0)} routine  delivered {int(value('edge_outbox_delivered_total'))}  link {link}{hub}",
+    ]
+
+
+def stored_states(outbox_path: Path) -> dict[str, str]:
+    from edge_runtime.outbox import Outbox
+
+    with Outbox(outbox_path) as outbox:
+        return outbox.finding_ids()
+
+
+def hub_ids(path: Path) -> set[str]:
+    import sqlite3
+
+    if not path.exists():
+        return set()
+    conn = sqlite3.connect(path)
+    try:
+        return {fid for (fid,) in conn.execute("SELECT finding_id FROM findings")}
+    finally:
+        conn.close()
