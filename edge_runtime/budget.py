@@ -5,7 +5,9 @@ level: a faster variant first (e.g. INT8 instead of FP32), then a lower inferenc
 `low` x budget) it steps back up one level, but only when the level above is predicted to fit: its p95 when we
 left it, scaled by how much the current level's latency has fallen since we entered it. A minimum dwell time
 between switches, and a doubling wait after a step up that had to be undone, give hysteresis: the pipeline does
-not flap between a level that fits and one that does not. A frame already older than the budget when the worker picks it up
+not flap between a level that fits and one that does not. A prediction is evidence from the past (a start-up
+transient, a neighbour process that has since gone): after `probe_after_s` (times the back-off) with headroom, the
+controller steps up once to re-measure, even against the prediction. A frame already older than the budget when the worker picks it up
 is skipped: its result would be late whatever happens next. Every switch is logged with its reason and counted.
 """
 from __future__ import annotations
@@ -59,6 +61,7 @@ class BudgetController:
         min_samples: int = 20,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        probe_after_s: float = 60.0,
     ) -> None:
         if not levels:
             raise ValueError("at least one level")
@@ -67,12 +70,14 @@ class BudgetController:
         self.low = low
         self.dwell_s = dwell_s
         self.min_samples = min_samples
+        self.probe_after_s = probe_after_s
         self.clock = clock
         self.name = name
         self.samples: deque[float] = deque(maxlen=window)
         self.index = 0
         self.last_switch = float("-inf")  # the first switch needs evidence (min_samples), not a dwell
         self.left_p95: dict[int, float] = {}  # p95 of a level when we stepped down from it
+        self.left_at: dict[int, float] = {}  # when we stepped down from it
         self.entry_p95: dict[int, float] = {}  # first full-window p95 after entering a level
         self.up_penalty = 1.0  # doubles after a step up that had to be undone
         self.last_up: float | None = None
@@ -126,12 +131,20 @@ class BudgetController:
             if self.last_up is not None and self.clock() - self.last_up < 4 * self.dwell_s * self.up_penalty:
                 self.up_penalty = min(self.up_penalty * 2, 64.0)  # the step up did not hold: wait longer next time
             self.left_p95[self.index] = p95
+            self.left_at[self.index] = self.clock()
             return self._switch(self.index + 1, f"p95 {p95:.1f} ms over budget {self.budget_ms:.0f} ms")
         if p95 < self.low * self.budget_ms and self.index > 0 and since >= self.dwell_s * self.up_penalty:
             predicted = self.predicted_p95(self.index - 1)
-            if predicted is None or predicted <= self.budget_ms:
+            age = self.clock() - self.left_at.get(self.index - 1, self.clock())
+            stale = age >= self.probe_after_s * self.up_penalty
+            if predicted is None or predicted <= self.budget_ms or stale:
                 self.last_up = self.clock()
-                expect = f", expected {predicted:.1f} ms above" if predicted is not None else ""
+                if predicted is None:
+                    expect = ""
+                elif predicted <= self.budget_ms:
+                    expect = f", expected {predicted:.1f} ms above"
+                else:
+                    expect = f", probing: the {predicted:.1f} ms expected above is {age:.0f} s old"
                 return self._switch(self.index - 1, f"p95 {p95:.1f} ms under {self.low:.0%} of budget {self.budget_ms:.0f} ms{expect}")
         return None
 

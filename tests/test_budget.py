@@ -101,3 +101,29 @@ def test_failed_step_up_backs_off():
     # (without prediction and back-off: one probe every few seconds, each costing a burst of budget misses).
     assert len(ups) == 1, [s.reason for s in ctl.switches]
     assert ctl.index == 1 and ctl.up_penalty == 2.0
+
+
+def test_a_stale_prediction_is_probed_once_and_backs_off_when_the_probe_fails():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, probe_after_s=60.0)
+    # A start-up transient: FP32 looks terrible, so the controller leaves it with a pessimistic p95.
+    run_frames(ctl, clock, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=5)
+    assert ctl.index == 1
+    # The transient is gone and FP32 would now fit (20 ms), but the prediction (90 x 15/15) says it does not:
+    # no step up before the prediction is probe_after_s old ...
+    run_frames(ctl, clock, lambda lv: 20.0 if lv.variant == "fp32" else 15.0, seconds=50)
+    assert ctl.index == 1 and len(ctl.switches) == 1
+    # ... then one probe, which holds.
+    run_frames(ctl, clock, lambda lv: 20.0 if lv.variant == "fp32" else 15.0, seconds=20)
+    assert ctl.index == 0 and "probing" in ctl.switches[-1].reason
+
+    # When the probe fails (FP32 really is too slow), the controller steps down again and waits twice as long.
+    clock2 = FakeClock()
+    ctl2 = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock2, dwell_s=3.0, probe_after_s=60.0)
+    run_frames(ctl2, clock2, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=70)
+    probes = [s for s in ctl2.switches if "probing" in s.reason]
+    assert len(probes) == 1 and ctl2.index == 1 and ctl2.up_penalty == 2.0
+    run_frames(ctl2, clock2, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=100)
+    assert len([s for s in ctl2.switches if "probing" in s.reason]) == 1  # next probe only after 120 s
+    run_frames(ctl2, clock2, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=40)
+    assert len([s for s in ctl2.switches if "probing" in s.reason]) == 2
