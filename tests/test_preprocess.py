@@ -23,8 +23,10 @@ def test_letterbox_keeps_aspect_and_maps_back():
     assert x.shape == (1, 1, 64, 64)
     assert x[0, 0, 0, :].max() == 0  # padding rows at the top
     assert geo.pad_y == 24 and geo.pad_x == 0
-    back = geo.to_image(np.array([[32.0, 32.0]]))
-    assert back[0] == pytest.approx([200.0, 50.0])
+    # The boundary between model pixels 31 and 32 (pixel-centre coordinates 31.5) is the image's 200 / 50
+    # boundary, at image pixel-centre coordinates 199.5 / 49.5.
+    back = geo.to_image(np.array([[31.5, 31.5]]))
+    assert back[0] == pytest.approx([199.5, 49.5])
 
 
 def test_rgb_to_gray_and_gray_to_rgb():
@@ -40,3 +42,12 @@ def test_rgb_to_gray_and_gray_to_rgb():
 def test_rejects_non_uint8():
     with pytest.raises(ValueError, match="uint8"):
         prepare(np.zeros((4, 4), np.float32), PreprocessSpec(height=4, width=4))
+
+
+def test_geometry_maps_model_pixels_back_to_image_pixel_centres():
+    from edge_runtime.imaging.preprocess import ResizeGeometry
+
+    halve = ResizeGeometry(0.5, 0.5)  # 800 -> 400: model pixel 0 covers image pixels 0 and 1
+    assert np.allclose(halve.to_image([[0, 0], [399, 199]]), [[0.5, 0.5], [798.5, 398.5]])
+    boxed = ResizeGeometry(0.25, 0.25, pad_x=10.0, pad_y=4.0)
+    assert np.allclose(boxed.to_image([[10, 4]]), [[1.5, 1.5]])  # first real pixel: centre of the first 4x4 block

@@ -40,7 +40,10 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class ResizeGeometry:
-    """Maps model-input pixel coordinates back to the display image: x_img = (x_in - pad_x) / scale_x."""
+    """Maps model-input pixel coordinates back to the display image.
+
+    Pixel centres, as cv2.resize samples them: x_img + 0.5 = (x_in - pad_x + 0.5) / scale_x.
+    """
 
     scale_x: float
     scale_y: float
@@ -49,7 +52,9 @@ class ResizeGeometry:
 
     def to_image(self, points: np.ndarray) -> np.ndarray:
         pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
-        return np.stack([(pts[:, 0] - self.pad_x) / self.scale_x, (pts[:, 1] - self.pad_y) / self.scale_y], axis=1)
+        x = (pts[:, 0] - self.pad_x + 0.5) / self.scale_x - 0.5
+        y = (pts[:, 1] - self.pad_y + 0.5) / self.scale_y - 0.5
+        return np.stack([x, y], axis=1)
 
 
 def to_channels(image: np.ndarray, channels: str) -> np.ndarray:
