@@ -103,6 +103,7 @@ class Service:
         self.threads: list[threading.Thread] = []
         self.live_sources: list = []
         self.scps: list = []
+        self.folders: dict = {}  # study inboxes by source name
         self.budgets: dict[str, BudgetController] = {}
         self.outbox = None
         self.uplink = None
@@ -149,6 +150,7 @@ class Service:
 
             inbox = Path(src.inbox)
             folder = DicomFolderSource(src.name, inbox, inbox.parent / f"{inbox.name}-done", inbox.parent / f"{inbox.name}-quarantine")
+            self.folders[src.name] = folder
             if src.kind == "dicom-scp":
                 from edge_runtime.sources.dicom_scp import DicomScp
 
@@ -195,6 +197,8 @@ class Service:
         return self.outbox.commit(finding, source_item=source_item)
 
     def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
+        from edge_runtime.outbox import OutboxFull
+
         budget = self.budgets[src.name]
         m = self.metrics
         model = runner.manifest.name
@@ -219,6 +223,10 @@ class Service:
                 prediction = predictor.predict(frame)
                 finding = self._finding(frame, predictor, prediction, budget.budget_ms)
                 self._commit(finding, None)
+            except OutboxFull as exc:
+                m.outbox_full.inc()
+                self._alarm(f"outbox full, a {model} finding from {src.name} was not stored: {exc.reason}")
+                continue
             except EdgeError as exc:
                 m.input_errors.labels(src.name).inc()
                 log.warning("%s: %s", src.name, exc)
@@ -256,7 +264,8 @@ class Service:
                 log.warning("%s: quarantined %s: %s", src.name, item.path.name, exc.reason)
                 item.quarantine(exc.reason)
             except OutboxFull as exc:
-                self._alarm(f"outbox full, {item.path.name} stays in the inbox: {exc.reason}")
+                m.outbox_full.inc()
+                self._alarm(f"outbox full, {item.path.name} stays in the inbox and is retried: {exc.reason}")
                 item.release()
             finally:
                 progress.end_item()

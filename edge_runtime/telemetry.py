@@ -34,6 +34,7 @@ class Metrics:
         self.findings = Counter("edge_findings", "Findings committed to the outbox", ["model", "priority"], registry=r)
         self.input_errors = Counter("edge_input_errors", "Inputs that failed (decode, size, modality, ...)", ["source"], registry=r)
         self.quarantined = Counter("edge_quarantined", "Study files moved to quarantine", ["source"], registry=r)
+        self.outbox_full = Counter("edge_outbox_full", "Commits refused because the disk or the database is full", registry=r)
         self.outbox_depth = Gauge("edge_outbox_pending", "Findings waiting for delivery", ["priority"], registry=r)
         self.link_up = Gauge("edge_link_up", "1 while the MQTT link is connected", registry=r)
         self.inbox_depth = Gauge("edge_inbox_pending", "Study files waiting in an inbox", ["source"], registry=r)

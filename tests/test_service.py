@@ -304,3 +304,30 @@ def test_findings_reach_a_collector_when_the_broker_appears(tmp_path, running):
     received = {fid for (fid,) in hub.execute("SELECT finding_id FROM findings")}
     hub.close()
     assert delivered <= received <= committed and len(delivered) >= 30
+
+
+@needs_shared
+def test_a_full_store_keeps_the_study_in_the_inbox_and_retries_it(tmp_path, running, caplog):
+    from edge_runtime.outbox import OutboxFull
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = running(write_config(tmp_path, folder_source(inbox)))
+    service.folders["xray"].retry_s = 0.3
+    real_commit, full = service.outbox.commit, threading.Event()
+    full.set()
+
+    def commit(finding, source_item=None):
+        if full.is_set():
+            raise OutboxFull(str(service.outbox.path), "database or disk is full")
+        return real_commit(finding, source_item=source_item)
+
+    service.outbox.commit = commit
+    shutil.copy(CR_CHEST, inbox / "chest.dcm")
+    wait_until(lambda: sample(service, "edge_outbox_full_total") >= 2, 60, what="two refused commits (a retry)")
+    assert (inbox / "chest.dcm").exists() and not any((tmp_path / "inbox-quarantine").iterdir())
+    assert any("outbox full" in r.getMessage() and "retried" in r.getMessage() for r in caplog.records)
+    full.clear()  # space comes back
+    wait_until(lambda: (tmp_path / "inbox-done" / "chest.dcm").exists(), 60, what="chest.dcm in done/")
+    assert service.stop() == 0
+    assert len(outbox_rows(tmp_path / "state")) == 1
