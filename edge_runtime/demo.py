@@ -212,10 +212,11 @@ def run_demo(args, config: Config) -> int:
               file=out)
     if collector is not None:
         received = hub_ids(state / "hub.sqlite")
+        committed = set(states)  # the outbox, read after the stop: includes findings committed while stopping
         # A finding the collector has but whose PUBACK had not arrived stays pending: resent later, same finding_id.
         queued = {fid for fid, st in states.items() if st == "pending"} - received
-        lost = window.ids - received - queued
-        print(f"  uplink: {len(window.ids)} findings committed; {len(received & window.ids)} reached the collector, "
+        lost = committed - received - queued
+        print(f"  uplink: {len(committed)} findings committed; {len(received & committed)} reached the collector, "
               f"{len(queued)} still queued at stop (kept in the outbox for the next link), {len(lost)} lost", file=out)
         if lost:
             status = 1

@@ -81,6 +81,16 @@ def test_auto_resolves_to_an_installed_engine():
     assert resolve_auto() in KINDS
 
 
+def test_auto_prefers_accelerators_then_openvino_on_a_plain_cpu():
+    from edge_runtime.engines import choose_engine
+
+    assert choose_engine(["TensorRT", "CUDA", "CPU"], ["CPU"]) == "onnxruntime"  # a Jetson
+    assert choose_engine(["CPU"], ["NPU", "GPU", "CPU"]) == "openvino"  # an Intel board with an NPU
+    assert choose_engine(["CPU"], ["CPU"]) == "openvino"
+    assert choose_engine(["CPU"], []) == "onnxruntime"  # no OpenVINO plugin for this CPU
+    assert choose_engine([], []) is None
+
+
 def test_broken_model_file(tmp_path):
     path = tmp_path / "broken.onnx"
     path.write_bytes(b"not a model")
