@@ -6,7 +6,6 @@ Never the system broker on 1883: every Broker gets its own port, config file and
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -19,17 +18,13 @@ from typing import Any, Callable
 
 import pytest
 
-MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+from edge_runtime.local_broker import find_mosquitto, free_port, port_open  # noqa: F401  (re-exported to tests)
+
+MOSQUITTO = find_mosquitto()
 REPO = Path(__file__).resolve().parent.parent
 PRODUCER = Path(__file__).resolve().parent / "outbox_producer.py"
 
 needs_mosquitto = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto binary not found (apt install mosquitto)")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.02, what: str = "condition") -> Any:
@@ -42,14 +37,6 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
-
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class Broker:
