@@ -20,6 +20,23 @@ if str(REPO_ROOT) not in sys.path:
 from quantize.metrics import bootstrap_ci, roc_auc  # noqa: E402,F401
 
 DEFAULT_CACHE = Path(os.environ.get("EDGE_CACHE", "/tmp/edge-cache"))
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def training_parser(description: str, dataset: str, out: Path, epochs: int, batch: int):
+    """The command line both training scripts share; data defaults to ../shared/data/<dataset>."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--data", type=Path, default=SHARED_DATA / dataset)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
+    ap.add_argument("--epochs", type=int, default=epochs)
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=0, help="smoke test: use only this many training images")
+    return ap
 
 
 def tune_malloc() -> None:

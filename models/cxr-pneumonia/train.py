@@ -8,7 +8,6 @@ only to pick the epoch and the operating threshold.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -134,15 +133,7 @@ def predict_probs(model, images, batch: int = 128) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/cxr-kermany"))
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--cache", type=Path, default=tc.DEFAULT_CACHE)
-    ap.add_argument("--epochs", type=int, default=28)
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="smoke test: use only this many training images")
+    ap = tc.training_parser(__doc__.splitlines()[0], "cxr-kermany", HERE, epochs=28, batch=32)
     args = ap.parse_args()
 
     tc.seed_everything(args.seed)

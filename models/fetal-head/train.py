@@ -9,7 +9,6 @@ sigmoid -> edge_runtime.heads.geometry.segment_ellipse -> head circumference (mm
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import math
 import sys
@@ -177,15 +176,7 @@ def torch_predictor(model):
 
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=Path("/work/shared/data/hc18"))
-    ap.add_argument("--out", type=Path, default=HERE)
-    ap.add_argument("--cache", type=Path, default=tc.DEFAULT_CACHE)
-    ap.add_argument("--epochs", type=int, default=26)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--limit", type=int, default=0, help="smoke test: use only this many training images")
+    ap = tc.training_parser(__doc__.splitlines()[0], "hc18", HERE, epochs=26, batch=8)
     args = ap.parse_args()
 
     tc.seed_everything(args.seed)
