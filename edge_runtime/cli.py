@@ -174,6 +174,7 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
 
 
 def status_report(url: str) -> dict:
+    from edge_runtime.service import OUTBOX_COUNTERS, UPLINK_COUNTERS
     from edge_runtime.telemetry import histogram_quantile, scrape
 
     s = scrape(url)
@@ -214,6 +215,8 @@ def status_report(url: str) -> dict:
         "uptime_s": time.time() - s.get("edge_start_time_seconds", [({}, time.time())])[0][1],
         "link_up": bool(s.get("edge_link_up", [({}, 0)])[0][1]),
         "outbox_pending": by("edge_outbox_pending", "priority"),
+        "outbox": {k: s[f"edge_outbox_{k}_total"][0][1] for k in OUTBOX_COUNTERS if f"edge_outbox_{k}_total" in s},
+        "uplink": {k: s[f"edge_uplink_{k}_total"][0][1] for k in UPLINK_COUNTERS if f"edge_uplink_{k}_total" in s},
         "sources": {n: {"frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0), "errors": errors.get(n, 0.0),
                         "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
@@ -232,7 +235,13 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     up = int(report["uptime_s"])
     pending = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["outbox_pending"].items())) or "0"
     print(f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
-          f"link {'up' if report['link_up'] else 'down'}, outbox pending: {pending}")
+          f"link {'up' if report['link_up'] else 'down'}, outbox pending: {pending}, "
+          f"delivered {int(report['outbox'].get('delivered', 0))}")
+    if report["uplink"]:
+        u = report["uplink"]
+        print(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "
+              f"resent {int(u.get('resent', 0))}, connects {int(u.get('connects', 0))}, "
+              f"failed connects {int(u.get('connect_failures', 0))}")
     rows = [{"source": n, **{k: int(v) for k, v in d.items()}} for n, d in report["sources"].items()]
     if rows:
         print_table(rows, ["source", "frames_in", "dropped", "errors", "quarantined"])

@@ -20,6 +20,7 @@ import pytest
 from conftest import CR_CHEST, REPO, needs_shared
 from mqtt_helpers import Broker, free_port, needs_mosquitto, wait_until
 
+from edge_runtime.cli import status_report
 from edge_runtime.config import load_config
 from edge_runtime.service import Service
 
@@ -244,6 +245,7 @@ def test_run_quarantines_bad_input_reports_status_and_stops_cleanly_on_sigterm(t
         assert report["sources"]["probe"]["frames_in"] > 0
         assert report["models"]["fetal-head"]["p50_ms"] > 0
         assert report["models"]["cxr-pneumonia"]["findings"]
+        assert report["outbox"]["delivered"] == 0 and report["uplink"] == {}  # no broker configured
         table = edge_cli("--config", str(config), "status")
         assert table.returncode == 0 and "fetal-head" in table.stdout and "xray" in table.stdout
 
@@ -277,7 +279,8 @@ def test_findings_reach_a_collector_when_the_broker_appears(tmp_path, running):
     broker = Broker(tmp_path / "broker")
     mqtt = (f'[mqtt]\nbroker = "{broker.url}"\nreconnect_min_s = 0.2\nreconnect_max_s = 0.5\n'
             "telemetry_interval_s = 0\n")
-    service = running(write_config(tmp_path, PHANTOM, extra=mqtt))
+    port = free_port()
+    service = running(write_config(tmp_path, PHANTOM, extra=mqtt, metrics_port=port))
     wait_until(lambda: sample(service, "edge_findings_total", model="fetal-head", priority="routine") >= 30, 30,
                what="a backlog while offline")
     assert service.uplink.connected is False
@@ -290,6 +293,8 @@ def test_findings_reach_a_collector_when_the_broker_appears(tmp_path, running):
         service.supervise_once()
         assert sample(service, "edge_link_up") == 1
         assert sample(service, "edge_uplink_acked_total") >= 30
+        report = status_report(f"http://127.0.0.1:{port}/metrics")
+        assert report["link_up"] and report["uplink"]["acked"] >= 30 and report["outbox"]["delivered"] >= 30
         assert service.stop() == 0
         conn = sqlite3.connect(tmp_path / "state" / "outbox.sqlite")
         delivered = {fid for (fid,) in conn.execute("SELECT finding_id FROM findings WHERE state != 0")}
