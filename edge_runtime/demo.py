@@ -220,6 +220,10 @@ def run_demo(args, config: Config) -> int:
               f"{len(queued)} still queued at stop (kept in the outbox for the next link), {len(lost)} lost", file=out)
         if lost:
             status = 1
+    else:
+        pending = sum(1 for st in states.values() if st == "pending")
+        print(f"  uplink: no broker; {pending} of {len(states)} findings queued in the outbox for when a link exists",
+              file=out)
     print("  Not for diagnostic use: a demonstration on a phantom and a public test image.", file=out)
     return status
 
