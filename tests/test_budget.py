@@ -40,7 +40,7 @@ def test_steps_down_to_faster_variant_when_over_budget_and_back_up_with_hysteres
     run_frames(ctl, clock, lambda lv: slow[lv.variant], seconds=10)
     assert ctl.level.variant == "int8" and ctl.index == 1
     assert len(ctl.switches) == 1 and "over budget" in ctl.switches[0].reason
-    # Headroom alone is not enough for INT8 at 20 ms (> 0.7 x 33): it stays, no flapping.
+    # INT8 at 20 ms has headroom (< 0.7 x 33), but FP32 is predicted at 45 ms: it stays, no flapping.
     run_frames(ctl, clock, lambda lv: slow[lv.variant], seconds=20)
     assert len(ctl.switches) == 1
     # The load goes away (both variants fast): back up to FP32 after the dwell time.
@@ -127,3 +127,27 @@ def test_a_stale_prediction_is_probed_once_and_backs_off_when_the_probe_fails():
     assert len([s for s in ctl2.switches if "probing" in s.reason]) == 1  # next probe only after 120 s
     run_frames(ctl2, clock2, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=40)
     assert len([s for s in ctl2.switches if "probing" in s.reason]) == 2
+
+
+def test_leaves_a_reduced_rate_once_contention_is_gone():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0)
+    run_frames(ctl, clock, lambda lv: 45.0 if lv.variant == "fp32" else 25.0, seconds=8)
+    assert ctl.index == 1
+    run_frames(ctl, clock, lambda lv: 40.0, seconds=15)  # contention: even INT8 misses, the rate goes down
+    assert ctl.level.max_rate_hz > 0
+    # Contention gone: INT8 at 25 ms is within budget but not under 70 % of it. The same variant at a higher
+    # rate costs the same per frame, so the controller climbs back to INT8 at full rate (and no further).
+    run_frames(ctl, clock, lambda lv: 45.0 if lv.variant == "fp32" else 25.0, seconds=40)
+    assert ctl.index == 1 and ctl.level.max_rate_hz == 0
+    assert "within budget" in ctl.switches[-1].reason
+
+
+def test_back_off_is_forgotten_once_a_step_up_holds():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, probe_after_s=60.0)
+    run_frames(ctl, clock, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=70)  # one failed probe
+    assert ctl.up_penalty == 2.0
+    run_frames(ctl, clock, lambda lv: 20.0 if lv.variant == "fp32" else 15.0, seconds=200)  # the next probe holds
+    assert ctl.index == 0
+    assert ctl.up_penalty == 1.0
