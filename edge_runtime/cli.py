@@ -196,7 +196,10 @@ def status_report(url: str) -> dict:
     for labels, value in s.get("edge_findings_total", []):
         findings.setdefault(labels["model"], {})[labels["priority"]] = value
     misses, late = by("edge_budget_misses_total", "model"), by("edge_frames_late_total", "model")
-    switches, level = by("edge_variant_switches_total", "model"), by("edge_budget_level", "model")
+    switches = by("edge_variant_switches_total", "model")
+    level: dict[str, float] = {}  # the most degraded source of each model
+    for labels, value in s.get("edge_budget_level", []):
+        level[labels.get("model", "")] = max(level.get(labels.get("model", ""), 0.0), value)
     models = {
         name: {
             "p50_ms": histogram_quantile(b, 0.5),
@@ -234,8 +237,9 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
         return 0
     up = int(report["uptime_s"])
     pending = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["outbox_pending"].items())) or "0"
+    link = ("up" if report["link_up"] else "down") if report["uplink"] else "none (no [mqtt] broker configured)"
     print(f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
-          f"link {'up' if report['link_up'] else 'down'}, outbox pending: {pending}, "
+          f"link {link}, outbox pending: {pending}, "
           f"delivered {int(report['outbox'].get('delivered', 0))}")
     if report["uplink"]:
         u = report["uplink"]
@@ -266,12 +270,12 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 
     from edge_runtime.demo import run_demo
 
-    if args.config is None:
-        # The embedded default: a throw-away state directory, nothing left behind on the machine.
-        with tempfile.TemporaryDirectory(prefix="edge-demo-") as state:
-            config = dataclasses.replace(config, device=dataclasses.replace(config.device, state_dir=state, id="demo-device", site="demo"))
-            return run_demo(args, config)
-    return run_demo(args, config)
+    # Always a throw-away state directory and device identity, even with --config (whose engine and model
+    # settings are used): the demo must never drain or add to a real device's outbox.
+    with tempfile.TemporaryDirectory(prefix="edge-demo-") as state:
+        config = dataclasses.replace(config, device=dataclasses.replace(config.device, state_dir=state, id="demo-device", site="demo"),
+                                     outbox=dataclasses.replace(config.outbox, path=""))
+        return run_demo(args, config)
 
 
 # ---------------------------------------------------------------- main

@@ -204,8 +204,8 @@ def run_demo(args, config: Config) -> int:
     print(f"  fetal-head: {window.frames} findings; capture->result p50 {ms(p50).strip()} ms, p99 {ms(p99).strip()} ms "
           f"against a {budget:.0f} ms budget; {int(value('edge_budget_misses_total', model='fetal-head'))} misses, "
           f"{int(value('edge_frames_dropped_total', source='probe'))} frames overwritten, "
-          f"{int(value('edge_frames_late_total', model='fetal-head'))} late skipped, "
-          f"{int(value('edge_variant_switches_total', model='fetal-head', direction='down'))} step(s) down; {hc}", file=out)
+          f"{int(value('edge_frames_late_total', model='fetal-head', source='probe'))} late skipped, "
+          f"{int(value('edge_variant_switches_total', model='fetal-head', source='probe', direction='down'))} step(s) down; {hc}", file=out)
     for f in window.cxr:
         r = f["result"]
         print(f"  cxr-pneumonia: {r['label']} (p(pneumonia)={r['probabilities']['pneumonia']:.3f}), priority {f['priority']}",
@@ -239,7 +239,7 @@ def status_lines(service, window: Window, m, elapsed: float, fps: float, collect
     return [
         f"t={elapsed:4.0f}s  fetal-head {fps:4.1f} fps  p50 {ms(p50)} p99 {ms(p99)} ms / budget "
         f"{window.budget.get('fetal-head', 0):.0f}  dropped {int(value('edge_frames_dropped_total', source='probe'))}  "
-        f"late {int(value('edge_frames_late_total', model='fetal-head'))}  "
+        f"late {int(value('edge_frames_late_total', model='fetal-head', source='probe'))}  "
         f"misses {int(value('edge_budget_misses_total', model='fetal-head'))}  [{level}]",
         f"        findings {len(window.ids)} (cxr {len(window.cxr)})  outbox pending {pending.get('urgent', 0)} urgent / "
         f"{pending.get('routine', 0)} routine  delivered {int(value('edge_outbox_delivered_total'))}  link {link}{hub}",

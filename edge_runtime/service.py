@@ -38,6 +38,10 @@ UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "conn
                    "connect_failures", "errors")
 
 
+class StudyInterrupted(Exception):
+    """The daemon is stopping in the middle of a multi-frame study: the file goes back to the inbox."""
+
+
 @dataclass
 class Progress:
     """What the supervisor reads: when a stage last moved, and since when it has been on its current item."""
@@ -56,7 +60,8 @@ class Progress:
         self.beat = time.monotonic()
 
     def stalled(self, timeout_s: float) -> bool:
-        return self.busy_since is not None and time.monotonic() - self.busy_since > timeout_s
+        since = self.busy_since  # read once: the worker may end the item between two reads
+        return since is not None and time.monotonic() - since > timeout_s
 
 
 class ModelRunner:
@@ -197,7 +202,7 @@ class Service:
         return self.outbox.commit(finding, source_item=source_item)
 
     def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
-        from edge_runtime.outbox import OutboxFull
+        from edge_runtime.outbox import OutboxError, OutboxFull
 
         budget = self.budgets[src.name]
         m = self.metrics
@@ -214,8 +219,8 @@ class Service:
             m.frames_in.labels(src.name).inc()
             late_before, rate_before = budget.late, budget.rate_skipped
             if not budget.admit((time.monotonic() - frame.captured_at) * 1000.0):
-                m.frames_late.labels(model).inc(budget.late - late_before)
-                m.frames_rate_skipped.labels(model).inc(budget.rate_skipped - rate_before)
+                m.frames_late.labels(model, src.name).inc(budget.late - late_before)
+                m.frames_rate_skipped.labels(model, src.name).inc(budget.rate_skipped - rate_before)
                 continue
             predictor = runner.get(budget.level.variant)
             progress.start_item()
@@ -223,9 +228,10 @@ class Service:
                 prediction = predictor.predict(frame)
                 finding = self._finding(frame, predictor, prediction, budget.budget_ms)
                 self._commit(finding, None)
-            except OutboxFull as exc:
-                m.outbox_full.inc()
-                self._alarm(f"outbox full, a {model} finding from {src.name} was not stored: {exc.reason}")
+            except OutboxError as exc:
+                if isinstance(exc, OutboxFull):
+                    m.outbox_full.inc()
+                self._alarm(f"outbox: {exc.reason}; a {model} finding from {src.name} was not stored")
                 continue
             except EdgeError as exc:
                 m.input_errors.labels(src.name).inc()
@@ -235,14 +241,14 @@ class Service:
                 progress.end_item()
             self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, finding["priority"])
             switch = budget.observe(prediction.capture_to_result_ms)
-            m.latency_p95.labels(model).set(budget.p95() or 0.0)
+            p95 = budget.p95()
+            if p95 is not None:  # none right after a switch: keep the last value rather than show 0
+                m.latency_p95.labels(model, src.name).set(p95)
             if switch is not None:
-                m.variant_switches.labels(model, "down" if switch.to_level > switch.from_level else "up").inc()
-                m.budget_level.labels(model).set(switch.to_level)
+                m.variant_switches.labels(model, src.name, "down" if switch.to_level > switch.from_level else "up").inc()
+                m.budget_level.labels(model, src.name).set(switch.to_level)
 
     def _study_worker(self, src: SourceSection, folder, runner: ModelRunner, progress: Progress) -> None:
-        from edge_runtime.outbox import OutboxFull
-
         m = self.metrics
         predictor = runner.get(runner.order[0])  # studies are not live: always the best variant
         budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
@@ -256,21 +262,44 @@ class Service:
             m.frames_in.labels(src.name).inc()
             progress.start_item()
             try:
-                self._process_study(src, item, predictor, budget_ms)
-                item.done()
-            except InputError as exc:
-                m.input_errors.labels(src.name).inc()
-                m.quarantined.labels(src.name).inc()
-                log.warning("%s: quarantined %s: %s", src.name, item.path.name, exc.reason)
-                item.quarantine(exc.reason)
-            except OutboxFull as exc:
-                m.outbox_full.inc()
-                self._alarm(f"outbox full, {item.path.name} stays in the inbox and is retried: {exc.reason}")
-                item.release()
+                self._handle_study(src, item, predictor, budget_ms, progress)
             finally:
                 progress.end_item()
 
-    def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float) -> None:
+    def _handle_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float, progress: Progress) -> None:
+        """Process one study file and end it: done, quarantined, or released for a retry. Never raises: one bad
+        file must not stop the inbox (a file that keeps failing is quarantined by the folder's attempt count)."""
+        from edge_runtime.outbox import OutboxError, OutboxFull
+
+        m = self.metrics
+        try:
+            self._process_study(src, item, predictor, budget_ms, progress)
+            item.done()
+        except InputError as exc:
+            m.input_errors.labels(src.name).inc()
+            m.quarantined.labels(src.name).inc()
+            log.warning("%s: quarantined %s: %s", src.name, item.path.name, exc.reason)
+            self._end(item.quarantine, exc.reason)
+        except StudyInterrupted:
+            log.info("%s: stopping; %s stays in the inbox (committed frames are not repeated)", src.name, item.path.name)
+            self._end(item.release)
+        except OutboxError as exc:
+            if isinstance(exc, OutboxFull):
+                m.outbox_full.inc()
+            self._alarm(f"outbox: {exc.reason}; {item.path.name} stays in the inbox and is retried")
+            self._end(item.release)
+        except Exception as exc:  # an engine fault, a bug, an I/O error moving the file
+            m.worker_errors.labels(src.name).inc()
+            log.exception("%s: %s failed; it stays in the inbox and is retried", src.name, item.path.name)
+            self._end(item.release, f"{type(exc).__name__}: {exc}")
+
+    def _end(self, action, *args) -> None:
+        try:
+            action(*args)
+        except OSError as exc:  # e.g. the quarantine folder is not writable: the file stays, nothing is lost
+            self._alarm(f"cannot move a study file: {exc}")
+
+    def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float, progress: Progress) -> None:
         manifest = predictor.manifest
         t_open = time.monotonic()
         inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
@@ -281,6 +310,9 @@ class Service:
         else:
             base = "sha256:" + hashlib.sha256(item.path.read_bytes()).hexdigest()
         for index in range(inp.n_frames):
+            if self.stop_event.is_set():
+                raise StudyInterrupted()
+            progress.start_item()  # a long multi-frame study is progress frame by frame, not one stuck item
             source_item = f"{base}#{index}"
             if self.outbox.has_source_item(source_item):
                 continue  # committed before a crash: never a second finding
@@ -323,9 +355,16 @@ class Service:
         """Names of stalled stages; pings the watchdog only when there are none."""
         timeout = self.config.service.stall_timeout_s
         stalled = [p.name for p in self.progress.values() if p.stalled(timeout)]
+        now = time.monotonic()
+        for source in self.live_sources:  # a capture thread blocked inside a driver call
+            since = source.reading_since
+            if since is not None and now - since > timeout:
+                stalled.append(f"{source.name}/capture")
         if self.uplink is not None and not self.uplink.alive():
             stalled.append("uplink")
-        for name in self.progress:
+        stages = list(self.progress) + [f"{s.name}/capture" for s in self.live_sources]
+        stages += ["uplink"] if self.uplink is not None else []
+        for name in stages:
             self.metrics.stalled.labels(name).set(1 if name in stalled else 0)
         if not stalled:
             sd_notify("WATCHDOG=1")
@@ -345,10 +384,20 @@ class Service:
         """Start, supervise until SIGTERM/SIGINT, stop cleanly. Returns the exit status."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop_event.set())
-        self.start()
+        try:
+            self.start()
+        except EdgeError:
+            self.stop()
+            raise
+        except OSError as exc:  # e.g. the SCP or metrics port is taken
+            self.stop()
+            raise EdgeError("service", f"cannot start: {exc}") from None
         interval = min(watchdog_interval_s() or 2.0, 2.0)
         while not self.stop_event.wait(interval):
-            self.supervise_once()
+            try:
+                self.supervise_once()
+            except Exception:  # supervision must outlive its own bugs; a missed ping is what systemd acts on
+                log.exception("supervision failed")
         return self.stop()
 
     def stop(self) -> int:
@@ -362,12 +411,13 @@ class Service:
         for thread in self.threads:
             thread.join(timeout=max(0.1, deadline - time.monotonic()))
         status = 0
-        if any(t.is_alive() for t in self.threads):
-            log.error("a worker did not finish within %.0f s", self.config.service.stop_timeout_s)
+        busy = [t.name for t in self.threads if t.is_alive()]
+        if busy:
+            log.error("%s did not finish within %.0f s", ", ".join(busy), self.config.service.stop_timeout_s)
             status = 1
         if self.uplink is not None:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
-        if self.outbox is not None:
-            self.outbox.close()
+        if self.outbox is not None and not busy:
+            self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
         self.metrics.shutdown()
         return status

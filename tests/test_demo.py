@@ -26,3 +26,14 @@ def test_demo_runs_the_daemon_queues_offline_then_drains_with_nothing_lost():
     assert ", 0 lost" in summary
     if (SHARED_DATA / "dicom" / "pydicom-data" / "RG1_J2KR.dcm").exists():
         assert "cxr-pneumonia: " in summary and "priority" in summary
+
+
+def test_demo_never_touches_the_configured_state_directory(tmp_path):
+    state = tmp_path / "state"
+    config = tmp_path / "edge.toml"
+    config.write_text(f'[device]\nid = "clinic-scanner"\nstate_dir = "{state}"\n\n[engine]\nthreads = 1\n')
+    result = subprocess.run([sys.executable, "-m", "edge_runtime", "--config", str(config), "demo", "--seconds", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Summary" in result.stdout
+    assert not state.exists()  # a real device's outbox is never drained into, or filled by, the demo

@@ -135,3 +135,30 @@ def test_caller_not_allowed_is_rejected(scp):
     assert send(scp, CR_CHEST, calling="INTRUDER") is None
     assert list(scp.inbox.iterdir()) == []
     assert send(scp, CR_CHEST, calling="DETECTOR") == 0
+
+
+def test_a_file_that_keeps_failing_is_quarantined_with_its_last_error(tmp_path):
+    src = DicomFolderSource("xray", tmp_path / "inbox", settle_s=0.0, retry_s=0.0, max_attempts=3)
+    drop(src, "poison.dcm", b"x")
+    src.next_item().release()  # the outbox was full: not the file's fault, does not count
+    for _ in range(3):
+        src.next_item().release(error="RuntimeError: engine fault")
+    assert src.next_item() is None  # used up: quarantined instead of handed out
+    reason = (src.quarantine_dir / "poison.dcm.reason.txt").read_text()
+    assert "gave up after 3 attempts" in reason and "engine fault" in reason
+
+
+def test_a_file_that_crashes_the_daemon_ends_the_crash_loop(tmp_path):
+    def restart() -> DicomFolderSource:  # a new process: only the ledger on disk remembers
+        return DicomFolderSource("xray", tmp_path / "inbox", settle_s=0.0, retry_s=0.0, max_attempts=2)
+
+    drop(restart(), "crasher.dcm", b"x")
+    assert restart().next_item() is not None  # ... and the process dies while decoding it
+    assert restart().next_item() is not None
+    src = restart()
+    drop(src, "good.dcm", b"y", age_s=0)
+    item = src.next_item()
+    assert item.path.name == "good.dcm"  # the crasher went to quarantine; the inbox moves on
+    assert "stopped while processing" in (src.quarantine_dir / "crasher.dcm.reason.txt").read_text()
+    item.done()
+    assert restart().next_item() is None

@@ -29,6 +29,7 @@ class LiveSource(abc.ABC):
         self.reconnects = 0
         self.errors = 0
         self.last_frame_at: float | None = None
+        self.reading_since: float | None = None  # set while inside read(): a driver call that never returns shows
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -84,12 +85,15 @@ class LiveSource(abc.ABC):
                     self._stop.wait(delay)
                 # Never try to catch up with a burst: a late capture just starts the next period.
                 next_due = max(next_due + period, time.monotonic())
+            self.reading_since = time.monotonic()
             try:
                 frame = self.read()
             except Exception as exc:
                 self.errors += 1
                 log.warning("source %s: read failed (%s)", self.name, exc)
                 return
+            finally:
+                self.reading_since = None
             if frame is None:
                 return
             self.frames_in += 1

@@ -3,10 +3,13 @@
 Study files are never dropped: a file stays in the inbox until its findings are committed, then moves to
 done/; a file that cannot be used moves to quarantine/ beside a .reason.txt naming why. Files already in the
 inbox at start are processed first, oldest first. A crash therefore means a retry, never a loss (the outbox
-refuses a second finding for the same source item).
+refuses a second finding for the same source item). A file that keeps failing for reasons of its own (an engine
+error on it, or a decoder that crashes the whole process) is quarantined after `max_attempts`: attempts are
+counted in a ledger on disk before each try, so a crash loop ends too.
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -47,9 +50,11 @@ class StudyItem:
     def quarantine(self, reason: str) -> Path:
         return self.source._finish(self, self.source.quarantine_dir, reason)
 
-    def release(self) -> None:
-        """Give the file back to the inbox untouched (e.g. the outbox is full): it is retried later."""
-        self.source._release(self)
+    def release(self, error: str | None = None) -> None:
+        """Give the file back to the inbox untouched: it is retried later. With `error`, the try counts as a
+        failure of this file (after `max_attempts` it is quarantined); without, as not its fault (the outbox
+        was full, the daemon is stopping)."""
+        self.source._release(self, error)
 
 
 class DicomFolderSource:
@@ -57,7 +62,8 @@ class DicomFolderSource:
     live = False
 
     def __init__(self, name: str, inbox: str | Path, done_dir: str | Path | None = None,
-                 quarantine_dir: str | Path | None = None, settle_s: float = 1.0, retry_s: float = 30.0) -> None:
+                 quarantine_dir: str | Path | None = None, settle_s: float = 1.0, retry_s: float = 30.0,
+                 max_attempts: int = 3) -> None:
         self.name = name
         self.inbox = Path(inbox)
         self.done_dir = Path(done_dir) if done_dir else self.inbox.parent / "done"
@@ -66,6 +72,9 @@ class DicomFolderSource:
             folder.mkdir(parents=True, exist_ok=True)
         self.settle_s = settle_s  # a file still being copied in is left alone until its mtime settles
         self.retry_s = retry_s
+        self.max_attempts = max_attempts
+        self._ledger = self.quarantine_dir / ".attempts.json"  # {file name: [tries begun, last error]}
+        self._attempts: dict[str, list] = self._load_ledger()
         self._lock = threading.Lock()
         self._in_flight: set[Path] = set()
         self._retry_after: dict[Path, float] = {}
@@ -93,15 +102,24 @@ class DicomFolderSource:
         return [p for _, _, p in sorted(ready)]
 
     def next_item(self) -> StudyItem | None:
-        """The oldest ready file not already being processed, or None."""
+        """The oldest ready file not already being processed, or None. A file that has used up its attempts
+        is quarantined here, with the last error."""
         now = time.monotonic()
         with self._lock:
             for path in self.pending():
                 if path in self._in_flight or self._retry_after.get(path, 0) > now:
                     continue
+                tries, last_error = self._attempts.get(path.name, [0, ""])
+                item = StudyItem(path, self)
                 self._in_flight.add(path)
+                if tries >= self.max_attempts:
+                    self._finish_locked(item, self.quarantine_dir, f"gave up after {tries} attempts; last: "
+                                        f"{last_error or 'the daemon stopped while processing it (a crash?)'}")
+                    continue
+                self._attempts[path.name] = [tries + 1, last_error]
+                self._save_ledger()  # before the try: a crash on this file still counts
                 self.items_in += 1
-                return StudyItem(path, self)
+                return item
         return None
 
     def depth(self) -> int:
@@ -109,22 +127,49 @@ class DicomFolderSource:
 
     def _finish(self, item: StudyItem, folder: Path, reason: str | None) -> Path:
         with self._lock:
-            target = _free_name(folder, item.path.name)
-            os.replace(item.path, target)
-            if reason is not None:
-                stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
-                reason_file = target.with_name(target.name + ".reason.txt")
-                reason_file.write_text(f"{stamp} {' '.join(reason.split())}\n")
-                self.quarantined += 1
-            else:
-                self.done_count += 1
-            _fsync_dir(folder)
-            _fsync_dir(self.inbox)
-            self._in_flight.discard(item.path)
-            self._retry_after.pop(item.path, None)
-            return target
+            return self._finish_locked(item, folder, reason)
 
-    def _release(self, item: StudyItem) -> None:
+    def _finish_locked(self, item: StudyItem, folder: Path, reason: str | None) -> Path:
+        target = _free_name(folder, item.path.name)
+        os.replace(item.path, target)
+        if reason is not None:
+            stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            reason_file = target.with_name(target.name + ".reason.txt")
+            reason_file.write_text(f"{stamp} {' '.join(reason.split())}\n")
+            self.quarantined += 1
+        else:
+            self.done_count += 1
+        _fsync_dir(folder)
+        _fsync_dir(self.inbox)
+        self._in_flight.discard(item.path)
+        self._retry_after.pop(item.path, None)
+        if self._attempts.pop(item.path.name, None) is not None:
+            self._save_ledger()
+        return target
+
+    def _release(self, item: StudyItem, error: str | None) -> None:
         with self._lock:
             self._in_flight.discard(item.path)
             self._retry_after[item.path] = time.monotonic() + self.retry_s
+            entry = self._attempts.get(item.path.name)
+            if entry is not None:
+                if error is None:
+                    entry[0] = max(0, entry[0] - 1)  # not this file's fault: the try does not count
+                else:
+                    entry[1] = " ".join(error.split())[:500]
+                self._save_ledger()
+
+    def _load_ledger(self) -> dict[str, list]:
+        try:
+            data = json.loads(self._ledger.read_text())
+            return {str(k): [int(v[0]), str(v[1])] for k, v in data.items()}
+        except (OSError, ValueError, TypeError, IndexError, AttributeError):
+            return {}  # no ledger yet (or a torn one): every file starts with a clean count
+
+    def _save_ledger(self) -> None:
+        tmp = self._ledger.with_name(self._ledger.name + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self._attempts, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._ledger)
