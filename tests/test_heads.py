@@ -7,7 +7,8 @@ import pytest
 from conftest import ellipse_image
 
 from edge_runtime.heads.classification import ClassificationHead
-from edge_runtime.heads.geometry import dice, ellipse_mask, hadlock_ga_weeks, ramanujan_perimeter, segment_ellipse
+from edge_runtime.heads.geometry import (dice, ellipse_mask, hadlock_ga_weeks, largest_component, ramanujan_perimeter,
+                                         segment_ellipse)
 from edge_runtime.heads.segmentation import SegmentationHead
 from edge_runtime.imaging.preprocess import PreprocessSpec, prepare
 from edge_runtime.registry import ModelRegistry
@@ -85,3 +86,23 @@ def test_segmentation_head_without_spacing_or_head(models_root):
     assert r.result["measurements"]["head_circumference_mm"] is None and "pixel spacing" in r.result["note"]
     r = head(np.full_like(x, -10.0), geometry=geo, image_hw=img.shape, pixel_spacing_mm=(0.1, 0.1))
     assert r.result["detected"] is False
+
+
+def test_largest_component_matches_whole_frame_labelling():
+    """Labelling only the foreground's bounding box keeps exactly the component whole-frame labelling keeps."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        mask = np.zeros((120, 160), dtype=np.uint8)
+        for _ in range(rng.integers(1, 5)):
+            cx, cy = rng.integers(0, 160), rng.integers(0, 120)
+            cv2.ellipse(mask, (int(cx), int(cy)), (int(rng.integers(2, 40)), int(rng.integers(2, 30))),
+                        float(rng.uniform(0, 180)), 0, 360, 1, thickness=-1)
+        mask[rng.random(mask.shape) < 0.01] = 1  # speckle: many one-pixel components
+        n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+        expected = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+        got = largest_component(mask)
+        assert got is not None and got.dtype == np.uint8 and got.shape == mask.shape
+        assert np.array_equal(got, expected), f"trial {trial}"
+    assert largest_component(np.zeros((10, 10), dtype=np.uint8)) is None

@@ -37,7 +37,7 @@ class SegmentationHead:
         logits = logits.reshape(logits.shape[-2:])
         prob = sigmoid(logits) if self.activation == "sigmoid" else logits
         ellipse, component = segment_ellipse(prob, geometry, image_hw, pixel_spacing_mm, self.spec.threshold)
-        area_fraction = float(component.sum()) / float(image_hw[0] * image_hw[1]) if ellipse else 0.0
+        area_fraction = cv2.countNonZero(component) / float(image_hw[0] * image_hw[1]) if ellipse else 0.0
         if ellipse is None or area_fraction < self.spec.min_area_fraction:
             result = {"detected": False, "measurements": {}, "note": "no fetal head found in the frame"}
             return HeadResult(self.task, result, "routine")
