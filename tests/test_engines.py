@@ -96,3 +96,24 @@ def test_broken_model_file(tmp_path):
     path.write_bytes(b"not a model")
     with pytest.raises(EngineError, match="no device could load the model: CPU: failed to load"):
         load_engine("onnxruntime", path, (1, 1, 32, 32), EngineOptions(devices=("CPU",)))
+
+
+def test_auto_does_not_import_onnxruntime_to_choose_openvino():
+    """On a CPU-only box auto reads ONNX Runtime's provider libraries instead of importing it: a daemon that
+    runs OpenVINO then never pays for loading ONNX Runtime."""
+    import subprocess
+    import sys
+
+    from edge_runtime.engines import _ort_accelerators_built_in, available_devices
+
+    built_in = _ort_accelerators_built_in()
+    assert built_in == any(d in available_devices("onnxruntime") for d in ("CUDA", "TensorRT"))
+    code = ("import sys; from edge_runtime.engines import resolve_auto; k = resolve_auto(); "
+            "print(k, 'onnxruntime' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    if built_in:
+        assert out[0] == "onnxruntime"  # CUDA or TensorRT present: a Jetson runs ONNX Runtime
+    else:
+        assert out[0] in KINDS
+        if out[0] == "openvino":
+            assert out[1] == "False", "auto imported onnxruntime to pick OpenVINO"

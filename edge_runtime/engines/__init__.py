@@ -1,6 +1,7 @@
 """Engine registry: pick a backend by kind ("onnxruntime", "openvino" or "auto") and load a model."""
 from __future__ import annotations
 
+import importlib.util
 import logging
 from pathlib import Path
 
@@ -41,9 +42,30 @@ def choose_engine(ort_devices: list[str], ov_devices: list[str]) -> str | None:
     return None
 
 
+def _ort_accelerators_built_in() -> bool | None:
+    """Whether the installed onnxruntime carries CUDA or TensorRT, read from its provider libraries without
+    importing it (the import costs a daemon that then runs OpenVINO about 20 MB). None when not installed.
+    Those providers ship as shared libraries beside the core (libonnxruntime_providers_cuda.so, ..._tensorrt.so);
+    get_available_providers reports exactly the ones present."""
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for folder in spec.submodule_search_locations:
+        capi = Path(folder) / "capi"
+        if any(capi.glob("*onnxruntime_providers_cuda*")) or any(capi.glob("*onnxruntime_providers_tensorrt*")):
+            return True
+    return False
+
+
 def resolve_auto() -> str:
     devices = {}
+    ort = _ort_accelerators_built_in()
+    if ort:
+        return "onnxruntime"  # a Jetson or a CUDA box: its devices are listed (and fall back) when it loads
     for kind in KINDS:
+        if kind == "onnxruntime" and ort is not None:
+            devices[kind] = ["CPU"]  # installed, no accelerator provider: the CPU provider is always built in
+            continue
         try:
             devices[kind] = available_devices(kind)
         except ImportError:
