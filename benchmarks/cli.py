@@ -247,20 +247,26 @@ def run_overhead(s: Settings, run: Run) -> None:
     cr = data_file(s.data, CHEST_CR)
     if cr is None:
         run.notes.append("overhead: cxr-pneumonia ran on a synthetic 1955x1841 radiograph (shared chest CR not found)")
-    engines = [resolve_auto()] if s.quick else s.engines
+    auto = resolve_auto()
+    engines = [auto] if s.quick else s.engines
     top = max(s.threads) or 2
     jobs = []
     for model in s.models:
-        task = ModelRegistry().get(model).task
-        for engine in engines:
-            args = ["--model", model, "--engine", engine, "--threads", str(top), "--rounds", str(s.overhead_rounds)]
-            if task == "classification" and cr is not None:
+        manifest = ModelRegistry().get(model)
+        # FP32 on every engine; in a full run also the INT8 variant `auto` would step down to (what a 2-core board runs)
+        plan = [(e, "fp32") for e in engines] + [(auto, "int8")] * (not s.quick)
+        for engine, precision in plan:
+            if precision == "int8" and not any(v.precision == "int8" and engine in v.engines for v in manifest.variants):
+                continue
+            args = ["--model", model, "--engine", engine, "--threads", str(top), "--rounds", str(s.overhead_rounds),
+                    "--precision", precision]
+            if manifest.task == "classification" and cr is not None:
                 args += ["--image", str(cr)]
             jobs.append(args)
     runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(jobs))}
     for r in range(s.repeats):
         for i, args in enumerate(jobs):
-            res = run.child("overhead", args, 300, f"{args[1]} on {args[3]} ({r + 1}/{s.repeats})")
+            res = run.child("overhead", args, 300, f"{args[1]} {args[9]} on {args[3]} ({r + 1}/{s.repeats})")
             if res:
                 runs[i].append(res)
     results = []
@@ -297,6 +303,9 @@ def pipeline_scenarios(s: Settings, run: Run) -> list[tuple[str, list[str]]]:
     scenarios.append(("phantom, fp32 pinned", ["--source", "phantom"] + pinned))
     if cr:
         scenarios.append(("phantom+xray", ["--source", "phantom", "--xray", str(cr), "--xray-at", str(seconds / 3)] + base))
+        # `precision = "int8"` in the config: only the INT8 variants are compiled (what this 2-core board ends up running)
+        scenarios.append(("phantom+xray, int8 configured", ["--source", "phantom", "--xray", str(cr), "--xray-at",
+                                                           str(seconds / 3), "--precision", "int8"] + base))
     else:
         run.skipped.append({"kind": "pipeline", "reason": f"phantom+xray scenario: {CHEST_CR} not found in the shared data"})
     return scenarios

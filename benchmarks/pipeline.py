@@ -57,11 +57,11 @@ def counters(service, source: str) -> dict[str, float]:
     return {
         "frames_in": value("edge_frames_in_total", source=source),
         "dropped": value("edge_frames_dropped_total", source=source),
-        "late": value("edge_frames_late_total", model=LIVE_MODEL),
-        "rate_skipped": value("edge_frames_rate_skipped_total", model=LIVE_MODEL),
+        "late": value("edge_frames_late_total", model=LIVE_MODEL, source=source),
+        "rate_skipped": value("edge_frames_rate_skipped_total", model=LIVE_MODEL, source=source),
         "budget_misses": value("edge_budget_misses_total", model=LIVE_MODEL),
-        "switches_down": value("edge_variant_switches_total", model=LIVE_MODEL, direction="down"),
-        "switches_up": value("edge_variant_switches_total", model=LIVE_MODEL, direction="up"),
+        "switches_down": value("edge_variant_switches_total", model=LIVE_MODEL, source=source, direction="down"),
+        "switches_up": value("edge_variant_switches_total", model=LIVE_MODEL, source=source, direction="up"),
         "next_seq": float(service.outbox.stats()["next_seq"]),
     }
 
