@@ -7,8 +7,9 @@ left it, scaled by how much the current level's latency has fallen since we ente
 between switches, and a doubling wait after a step up that had to be undone, give hysteresis: the pipeline does
 not flap between a level that fits and one that does not. A prediction is evidence from the past (a start-up
 transient, a neighbour process that has since gone): after `probe_after_s` (times the back-off) with headroom, the
-controller steps up once to re-measure, even against the prediction. A frame already older than the budget when the worker picks it up
-is skipped: its result would be late whatever happens next. Every switch is logged with its reason and counted.
+controller steps up once to re-measure, even against the prediction; a step up that misses the budget
+`abort_misses` times is undone at once. A frame already older than the budget when the worker picks it up is
+skipped: its result would be late whatever happens next. Every switch is logged with its reason and counted.
 """
 from __future__ import annotations
 
@@ -62,6 +63,7 @@ class BudgetController:
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
         probe_after_s: float = 60.0,
+        abort_misses: int = 3,
     ) -> None:
         if not levels:
             raise ValueError("at least one level")
@@ -71,6 +73,7 @@ class BudgetController:
         self.dwell_s = dwell_s
         self.min_samples = min_samples
         self.probe_after_s = probe_after_s
+        self.abort_misses = abort_misses
         self.clock = clock
         self.name = name
         self.samples: deque[float] = deque(maxlen=window)
@@ -119,6 +122,10 @@ class BudgetController:
         self.samples.append(latency_ms)
         if latency_ms > self.budget_ms:
             self.misses += 1
+            if self.last_up is not None and self.index < len(self.levels) - 1:
+                early = self._abort_step_up()
+                if early is not None:
+                    return early
         if len(self.samples) < self.min_samples:
             return None
         p95 = self.p95()
@@ -159,6 +166,20 @@ class BudgetController:
             where = "within" if same_variant else f"under {self.low:.0%} of"
             return self._switch(self.index - 1, f"p95 {p95:.1f} ms {where} budget {self.budget_ms:.0f} ms{expect}")
         return None
+
+    def _abort_step_up(self) -> Switch | None:
+        """A step up that already missed the budget `abort_misses` times is undone at once, without waiting for a
+        full window and the dwell: a probe that fails then costs a few late findings, not seconds of them."""
+        over = sum(1 for v in self.samples if v > self.budget_ms)
+        if over < self.abort_misses:
+            return None
+        self.up_penalty = min(self.up_penalty * 2, 64.0)
+        self.last_up = None
+        worst = max(self.samples)  # a few samples: their maximum stands in for the p95, pessimistically
+        self.left_p95[self.index] = worst
+        self.left_at[self.index] = self.clock()
+        return self._switch(self.index + 1, f"{over} of {len(self.samples)} frames since stepping up over budget "
+                                            f"{self.budget_ms:.0f} ms (worst {worst:.1f} ms): undone early")
 
     def _switch(self, to: int, reason: str) -> Switch:
         switch = Switch(self.index, to, reason)

@@ -151,3 +151,30 @@ def test_back_off_is_forgotten_once_a_step_up_holds():
     run_frames(ctl, clock, lambda lv: 20.0 if lv.variant == "fp32" else 15.0, seconds=200)  # the next probe holds
     assert ctl.index == 0
     assert ctl.up_penalty == 1.0
+
+
+def test_a_failing_probe_is_undone_after_a_few_misses():
+    """FP32 really is too slow: the probe returns to INT8 after `abort_misses` late findings, not a full window."""
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, probe_after_s=60.0,
+                           abort_misses=3)
+    run_frames(ctl, clock, lambda lv: 40.0 if lv.variant == "fp32" else 15.0, seconds=10)
+    assert ctl.index == 1
+    misses_before = ctl.misses
+    run_frames(ctl, clock, lambda lv: 40.0 if lv.variant == "fp32" else 15.0, seconds=70)
+    probes = [s for s in ctl.switches if "probing" in s.reason]
+    assert len(probes) == 1 and ctl.index == 1
+    assert "undone early" in ctl.switches[-1].reason
+    assert ctl.misses - misses_before == 3  # without the early undo: a whole window (20+ frames) of misses
+    assert ctl.up_penalty == 2.0
+
+
+def test_an_occasional_slow_frame_does_not_undo_a_step_up():
+    clock = FakeClock()
+    ctl = BudgetController(33.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, probe_after_s=60.0)
+    run_frames(ctl, clock, lambda lv: 90.0 if lv.variant == "fp32" else 15.0, seconds=5)
+    assert ctl.index == 1
+    n = iter(range(10**6))
+    # FP32 now fits at 20 ms, with one 40 ms outlier every 50 frames: the probe holds.
+    run_frames(ctl, clock, lambda lv: (40.0 if next(n) % 50 == 49 else 20.0) if lv.variant == "fp32" else 15.0, seconds=90)
+    assert ctl.index == 0, [s.reason for s in ctl.switches]
