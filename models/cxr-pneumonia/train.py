@@ -1,6 +1,6 @@
 """Train the cxr-pneumonia classification reference model on Kermany chest X-rays, export ONNX, write manifest + card.
 
-    python models/cxr-pneumonia/train.py --data /work/shared/data/cxr-kermany --out models/cxr-pneumonia
+    python models/cxr-pneumonia/train.py --data ../shared/data/cxr-kermany --out models/cxr-pneumonia
 
 Model inputs are built exactly like the runtime: augmented uint8 display image -> edge_runtime.imaging.preprocess
 .prepare(image, SPEC). The validation split (by patient, duplicates merged; quantize.datasets.cxr_items) is used
@@ -408,8 +408,8 @@ noise (p 0.15 each). No flips. torch {p['torch']}, 2 CPU threads, seed {p['seed'
 
 ## Retrain
 ```
-/work/venv/bin/pip install torch==2.13.0 tomli-w
-/work/venv/bin/python models/cxr-pneumonia/train.py --data /work/shared/data/cxr-kermany --out models/cxr-pneumonia
+python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e '.[train]'
+.venv/bin/python models/cxr-pneumonia/train.py --data ../shared/data/cxr-kermany --out models/cxr-pneumonia
 ```
 Decoded images are cached under `/tmp/edge-cache` (override with `--cache`). Created {p['created']}.
 """

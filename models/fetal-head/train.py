@@ -1,6 +1,6 @@
 """Train the fetal-head segmentation reference model on HC18, export ONNX, write manifest.toml and CARD.md.
 
-    python models/fetal-head/train.py --data /work/shared/data/hc18 --out models/fetal-head
+    python models/fetal-head/train.py --data ../shared/data/hc18 --out models/fetal-head
 
 Model inputs are built exactly like the runtime: augmented uint8 display image (800x540 B-mode)
 -> edge_runtime.imaging.preprocess.prepare(image, SPEC). Targets are the filled annotation ellipse,
@@ -432,8 +432,8 @@ Epoch log (val = runtime measurement with the torch model):
 
 ## Retrain
 ```
-/work/venv/bin/pip install torch==2.13.0 tomli-w
-/work/venv/bin/python models/fetal-head/train.py --data /work/shared/data/hc18 --out models/fetal-head
+python3 -m venv .venv && .venv/bin/pip install torch==2.13.0 && .venv/bin/pip install -e '.[train]'
+.venv/bin/python models/fetal-head/train.py --data ../shared/data/hc18 --out models/fetal-head
 ```
 Decoded images are cached under `/tmp/edge-cache` (override with `--cache`). Created {p['created']}.
 """
