@@ -208,3 +208,34 @@ def test_copy_of_shared_file_opens_via_front_door(tmp_path):
     shutil.copy(CR_CHEST, copy)
     inp = open_input(copy)
     assert inp.kind == "dicom" and inp.modality == "CR" and inp.n_frames == 1
+
+
+JPEG_BASELINE_FILES = ["pydicom-data/color3d_jpeg_baseline.dcm", "pydicom-data/examples_ybr_color.dcm"]
+
+
+@needs_shared
+@pytest.mark.parametrize("name", JPEG_BASELINE_FILES)
+def test_fast_jpeg_baseline_path_gives_pydicoms_pixels(name):
+    """8-bit JPEG Baseline frames go straight through libjpeg-turbo once the first frame matched pydicom; every
+    frame of the shared YBR_FULL_422 files is then bit-identical to pydicom's decode."""
+    path = DICOM_DIR / name
+    image = DicomImage(path)
+    frames = [image.raw_frame(i) for i in range(image.n_frames)]
+    assert image._fast_jpeg is True, "the fast path did not engage"
+    ds = pydicom.dcmread(path)
+    for i, frame in enumerate(frames):
+        assert np.array_equal(frame, pydicom.pixels.pixel_array(ds, index=i)), f"frame {i}"
+
+
+@needs_shared
+def test_fast_jpeg_path_stays_off_when_it_disagrees_with_pydicom(monkeypatch):
+    import imagecodecs
+
+    real = imagecodecs.jpeg8_decode
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda data: real(data) // 2)  # a codec that decodes differently
+    path = DICOM_DIR / JPEG_BASELINE_FILES[1]
+    image = DicomImage(path)
+    frames = [image.raw_frame(i) for i in range(3)]
+    assert image._fast_jpeg is False
+    ds = pydicom.dcmread(path)
+    assert all(np.array_equal(f, pydicom.pixels.pixel_array(ds, index=i)) for i, f in enumerate(frames))
