@@ -3,7 +3,7 @@
 Per model, the controller watches the rolling p95 of capture->result latency. Over budget, it steps down one
 level: a faster variant first (e.g. INT8 instead of FP32), then a lower inference rate. With headroom (p95 under
 `low` x budget) it steps back up one level, but only when the level above is predicted to fit: its p95 when we
-left it, scaled by how much the current level's latency has fallen since we entered it. A minimum dwell time
+left it, scaled by how much the current level's median latency has fallen since we entered it. A minimum dwell time
 between switches, and a doubling wait after a step up that had to be undone, give hysteresis: the pipeline does
 not flap between a level that fits and one that does not. A prediction is evidence from the past (a start-up
 transient, a neighbour process that has since gone): after `probe_after_s` (times the back-off) with headroom, the
@@ -81,7 +81,7 @@ class BudgetController:
         self.last_switch = float("-inf")  # the first switch needs evidence (min_samples), not a dwell
         self.left_p95: dict[int, float] = {}  # p95 of a level when we stepped down from it
         self.left_at: dict[int, float] = {}  # when we stepped down from it
-        self.entry_p95: dict[int, float] = {}  # first full-window p95 after entering a level
+        self.entry_p50: dict[int, float] = {}  # first full-window median after entering a level
         self.up_penalty = 1.0  # doubles after a step up that had to be undone
         self.last_up: float | None = None
         self.last_admitted: float | None = None
@@ -110,12 +110,17 @@ class BudgetController:
         self.last_admitted = now
         return True
 
+    def p50(self) -> float | None:
+        return float(np.median(self.samples)) if self.samples else None
+
     def predicted_p95(self, level: int) -> float | None:
-        """Expected p95 at `level` (one above the current), from the ratio observed around the last step down."""
-        current = self.p95()
-        if level not in self.left_p95 or self.index not in self.entry_p95 or current is None:
+        """Expected p95 at `level` (one above the current): its p95 when we left it, scaled by how much this level's
+        latency has changed since we entered it. The change is a ratio of medians: the first window after a switch
+        holds a frame or two that waited behind the slow level, and a p95 ratio would take them for a speed-up."""
+        current = self.p50()
+        if level not in self.left_p95 or self.index not in self.entry_p50 or current is None:
             return None
-        return self.left_p95[level] * current / max(self.entry_p95[self.index], 1e-6)
+        return self.left_p95[level] * current / max(self.entry_p50[self.index], 1e-6)
 
     def observe(self, latency_ms: float) -> Switch | None:
         """Record one capture->result latency; returns the switch made, if any."""
@@ -130,7 +135,8 @@ class BudgetController:
             return None
         p95 = self.p95()
         assert p95 is not None
-        self.entry_p95.setdefault(self.index, p95)
+        if self.index not in self.entry_p50:
+            self.entry_p50[self.index] = float(np.median(self.samples))
         since = self.clock() - self.last_switch
         if self.last_up is not None and self.clock() - self.last_up >= 4 * self.dwell_s * self.up_penalty:
             self.up_penalty, self.last_up = 1.0, None  # the last step up held: forget the earlier failures
@@ -187,7 +193,7 @@ class BudgetController:
         log.warning("budget %s: stepping %s from %s to %s: %s", self.name, direction,
                     self.levels[self.index].describe(), self.levels[to].describe(), reason)
         self.index = to
-        self.entry_p95.pop(to, None)
+        self.entry_p50.pop(to, None)
         self.switches.append(switch)
         self.samples.clear()  # judge the new level on its own latencies
         self.last_switch = self.clock()

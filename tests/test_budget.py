@@ -178,3 +178,14 @@ def test_an_occasional_slow_frame_does_not_undo_a_step_up():
     # FP32 now fits at 20 ms, with one 40 ms outlier every 50 frames: the probe holds.
     run_frames(ctl, clock, lambda lv: (40.0 if next(n) % 50 == 49 else 20.0) if lv.variant == "fp32" else 15.0, seconds=90)
     assert ctl.index == 0, [s.reason for s in ctl.switches]
+
+
+def test_frames_that_waited_behind_the_slow_level_do_not_fake_a_speed_up():
+    """After a step down the first window holds a few frames that queued behind the slow FP32 inference. Taken as
+    the new level's entry latency they would make INT8 look as if it had since become much faster, and predict
+    that FP32 (still too slow) fits again."""
+    clock = FakeClock()
+    ctl = BudgetController(150.0, build_levels(["fp32", "int8"], 30), clock=clock, dwell_s=3.0, probe_after_s=600.0)
+    waited = iter([180.0, 120.0])  # the first INT8 findings: captured while the last FP32 inference ran
+    run_frames(ctl, clock, lambda lv: 200.0 if lv.variant == "fp32" else next(waited, 21.0), seconds=30)
+    assert [s.to_level for s in ctl.switches] == [1], [s.reason for s in ctl.switches]
