@@ -31,8 +31,9 @@ def available_devices(kind: str) -> list[str]:
 
 def choose_engine(ort_devices: list[str], ov_devices: list[str]) -> str | None:
     """Accelerators first: a CUDA/TensorRT board (Jetson) runs ONNX Runtime, an Intel GPU/NPU runs OpenVINO.
-    On a plain CPU OpenVINO: under a paced live feed its latency holds (fetal-head INT8 7.1 ms at 30 fps), where
-    ONNX Runtime without spin-waiting, our battery-friendly default, doubles (9.0 -> 16.0 ms; BENCHMARKS.md)."""
+    On a plain CPU OpenVINO: under a paced 30 fps feed its fetal-head INT8 inference holds at 7.0-7.3 ms, where ONNX
+    Runtime without spin-waiting, our battery-friendly default, takes 10.1-10.9 ms (9.0 in a tight loop), and
+    end-to-end p50 is 11-12 ms against 16 (BENCHMARKS.md)."""
     if any(d in ort_devices for d in ("TensorRT", "CUDA")):
         return "onnxruntime"
     if ov_devices:
