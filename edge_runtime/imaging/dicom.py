@@ -180,16 +180,23 @@ class DicomImage:
         return (UID(m.transfer_syntax) == JPEGBaseline8Bit and m.bits_allocated == 8
                 and (m.samples_per_pixel, m.photometric.upper()) in _FAST_JPEG_LAYOUTS)
 
-    def _fast_jpeg_frame(self, index: int) -> np.ndarray | None:
-        """8-bit JPEG Baseline straight through libjpeg-turbo (imagecodecs), colour converted by the codec: a
-        640x480 YBR_FULL_422 echo frame in 0.8 ms where pydicom's Pillow decode plus its numpy YBR->RGB takes 14."""
+    def _jpeg_codec_frame(self, index: int) -> np.ndarray | None:
+        """One JPEG frame decoded by imagecodecs (libjpeg-turbo, BSD), or None when it is missing or fails.
+        The frames' compressed bytes are split out once per file."""
         try:
             import imagecodecs
 
             if self._fragments is None:
                 self._fragments = list(generate_frames(self.ds.PixelData, number_of_frames=self.n_frames))
-            arr = imagecodecs.jpeg8_decode(self._fragments[index])
+            return imagecodecs.jpeg8_decode(self._fragments[index])
         except Exception:
+            return None
+
+    def _fast_jpeg_frame(self, index: int) -> np.ndarray | None:
+        """8-bit JPEG Baseline straight through libjpeg-turbo, colour converted by the codec: a 640x480 YBR_FULL_422
+        echo frame in 0.8 ms where pydicom's Pillow decode plus its numpy YBR->RGB takes 14."""
+        arr = self._jpeg_codec_frame(index)
+        if arr is None:
             return None
         shape = (self.meta.rows, self.meta.cols) + ((3,) if self.meta.samples_per_pixel == 3 else ())
         return arr if arr.shape == shape and arr.dtype == np.uint8 else None
@@ -221,21 +228,8 @@ class DicomImage:
         """12-bit JPEG (Process 2 and 4) is beyond Pillow and GDCM; imagecodecs (BSD) decodes it."""
         if UID(self.meta.transfer_syntax) not in _JPEG_8_12 or self.meta.samples_per_pixel != 1:
             return None
-        try:
-            import imagecodecs
-        except ImportError:
-            return None
-        try:
-            fragments = generate_frames(self.ds.PixelData, number_of_frames=self.n_frames)
-            for i, frame_bytes in enumerate(fragments):
-                if i == index:
-                    arr = imagecodecs.jpeg8_decode(frame_bytes)
-                    break
-            else:
-                return None
-        except Exception:
-            return None
-        if arr.shape[:2] != (self.meta.rows, self.meta.cols):
+        arr = self._jpeg_codec_frame(index)
+        if arr is None or arr.shape[:2] != (self.meta.rows, self.meta.cols):
             return None
         return arr
 
