@@ -262,11 +262,11 @@ def run_overhead(s: Settings, run: Run) -> None:
                     "--precision", precision]
             if manifest.task == "classification" and cr is not None:
                 args += ["--image", str(cr)]
-            jobs.append(args)
+            jobs.append((f"{model} {precision} on {engine}", args))
     runs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(len(jobs))}
     for r in range(s.repeats):
-        for i, args in enumerate(jobs):
-            res = run.child("overhead", args, 300, f"{args[1]} {args[9]} on {args[3]} ({r + 1}/{s.repeats})")
+        for i, (label, args) in enumerate(jobs):
+            res = run.child("overhead", args, 300, f"{label} ({r + 1}/{s.repeats})")
             if res:
                 runs[i].append(res)
     results = []

@@ -136,7 +136,7 @@ class BudgetController:
         p95 = self.p95()
         assert p95 is not None
         if self.index not in self.entry_p50:
-            self.entry_p50[self.index] = float(np.median(self.samples))
+            self.entry_p50[self.index] = self.p50()
         since = self.clock() - self.last_switch
         if self.last_up is not None and self.clock() - self.last_up >= 4 * self.dwell_s * self.up_penalty:
             self.up_penalty, self.last_up = 1.0, None  # the last step up held: forget the earlier failures
