@@ -71,7 +71,7 @@ CREATE TABLE IF NOT EXISTS evicted (
 # same file for inspection never sees them torn).
 _META_KEYS = (
     "schema_version", "next_seq", "rows", "bytes", "pending_rows_0", "pending_rows_1", "pending_bytes_0",
-    "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms",
+    "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
 )
 
 
@@ -478,6 +478,36 @@ class Outbox:
             self.commits += 1
         return changed
 
+    def requeue_delivered(self, since: float) -> int:
+        """Make rows delivered at or after `since` (unix time) pending again; returns how many. The uplink calls
+        this when the broker has lost its session: whatever that broker acknowledged but had not yet passed on
+        to a subscriber is gone with it, so those findings are sent again (same finding_id; consumers
+        deduplicate). Durable (synchronous=FULL): a requeue lost to a power cut would be a silent loss."""
+        conn = self._w
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                meta = self._load_meta()
+                before = dict(meta)
+                rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings "
+                                    "WHERE state = 1 AND delivered_at >= ? GROUP BY rank", (since,)).fetchall()
+                conn.execute("UPDATE findings SET state = 0, delivered_at = NULL WHERE state = 1 AND delivered_at >= ?", (since,))
+                n = 0
+                for rank, count, size in rows:
+                    meta[f"pending_rows_{rank}"] += count
+                    meta[f"pending_bytes_{rank}"] += size
+                    n += count
+                meta["requeued"] += n
+                self._save_meta(meta, before)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise OutboxError(str(self.path), f"cannot requeue delivered findings ({exc})") from None
+        if n:
+            self.commits += 1
+        return n
+
     # ------------------------------------------------------------ inspection
     def has_source_item(self, source_item: str) -> bool:
         with self._read_lock:
@@ -501,6 +531,7 @@ class Outbox:
             "delivered": meta.get("delivered", 0),  # ever marked delivered
             "pruned": meta.get("pruned", 0),  # delivered rows removed to respect the caps
             "evicted": meta.get("evicted", 0),  # routine findings removed before delivery
+            "requeued": meta.get("requeued", 0),  # delivered rows made pending again after the broker lost its session
             "over_cap_alarms": meta.get("over_cap_alarms", 0),
             "full_alarms": meta.get("full_alarms", 0),
             "last_alarm": self.last_alarm,

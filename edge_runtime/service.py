@@ -33,9 +33,9 @@ from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
 log = logging.getLogger("edge_runtime.service")
 
 # Counters the outbox and the uplink keep themselves, exported as edge_outbox_* / edge_uplink_* at scrape time.
-OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms")
+OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued")
 UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
-                   "connect_failures", "errors")
+                   "connect_failures", "errors", "new_sessions", "requeued")
 
 
 class StudyInterrupted(Exception):

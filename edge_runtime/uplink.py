@@ -11,6 +11,12 @@ Each connection uses a fresh paho client, so paho's own in-memory resend queue i
 is the one place unacknowledged findings live. The broker keeps the session (clean_start = False with a
 session expiry on MQTT 5, clean_session = False on 3.1.1).
 
+A PUBACK means the broker has the finding, not that a collector does. When a CONNACK says the broker holds no
+session for this device (a broker restarted without persistence, or a session that expired), whatever that
+broker acknowledged but had not yet passed on may be gone, so findings delivered in the last
+`resend_on_session_loss_s` seconds are made pending again and re-sent: duplicates, which consumers drop by
+finding_id, instead of a silent loss.
+
 Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
 as the last will and on a clean stop. Telemetry (outbox depth and uplink counters, no findings) goes to
 `.../telemetry` with QoS 0.
@@ -125,6 +131,8 @@ class Uplink:
             raise ConfigError(where, f"key 'mqtt.inflight' must be at least 1; got {mqtt.inflight}")
         if mqtt.rate_limit < 0 or mqtt.reconnect_min_s <= 0 or mqtt.reconnect_max_s < mqtt.reconnect_min_s:
             raise ConfigError(where, "keys 'mqtt.rate_limit' >= 0 and 0 < 'mqtt.reconnect_min_s' <= 'mqtt.reconnect_max_s' required")
+        if mqtt.resend_on_session_loss_s < 0:
+            raise ConfigError(where, f"key 'mqtt.resend_on_session_loss_s' must be >= 0 (0 = off); got {mqtt.resend_on_session_loss_s}")
         base = topic_base(mqtt.topic_prefix, identity, where)
         self.topic_findings = f"{base}/findings"
         self.topic_status = f"{base}/status"
@@ -140,7 +148,7 @@ class Uplink:
         self.connected = False
         self.window = mqtt.inflight
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0, "unrouted": 0, "connects": 0,
-                         "disconnects": 0, "connect_failures": 0, "errors": 0}
+                         "disconnects": 0, "connect_failures": 0, "errors": 0, "new_sessions": 0, "requeued": 0}
         self.last_error = ""
         self.beat = time.monotonic()
         # Per-connection state.
@@ -148,6 +156,7 @@ class Uplink:
         self._acked: list[int] = []
         self._rejected: list[int] = []
         self._connack: tuple[bool, str] | None = None
+        self._session_present = False
         self._hold_until = 0.0
         self._hold_attempt = 0
         self._seen_commits = -1
@@ -286,11 +295,29 @@ class Uplink:
             self.state = "connected"
             self.last_error = ""
             log.info("uplink connected to %s:%d (window %d)", self.target.host, self.target.port, self.window)
+            if not self._session_present:
+                self._requeue_recent()
             client.publish(self.topic_status, "online", qos=1, retain=True)
             self._pump(client)
             return True
         finally:
             self._end_session(client)
+
+    def _requeue_recent(self) -> None:
+        """The broker holds no session for this device: re-send what it acknowledged recently (see the module doc)."""
+        self.counters["new_sessions"] += 1
+        window = self.cfg.resend_on_session_loss_s
+        if window <= 0:
+            return
+        try:
+            n = self.outbox.requeue_delivered(since=self.outbox.clock() - window)
+        except OutboxError as exc:
+            log.error("uplink: %s", exc)
+            return
+        if n:
+            self.counters["requeued"] += n
+            log.warning("uplink: the broker holds no session for this device (restarted without persistence, or the "
+                        "session expired); re-sending the %d findings it acknowledged in the last %.0f s", n, window)
 
     def _failed(self, why: str) -> None:
         self.counters["connect_failures"] += 1
@@ -411,6 +438,7 @@ class Uplink:
     # ------------------------------------------------------------ paho callbacks (uplink thread, inside loop())
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         ok = not reason_code.is_failure
+        self._session_present = bool(getattr(flags, "session_present", False))
         self._connack = (ok, str(reason_code))
         window = self.cfg.inflight
         receive_max = getattr(properties, "ReceiveMaximum", None) if ok and properties is not None else None

@@ -117,6 +117,27 @@ def test_mark_delivered_counts_once_and_stats_follow(box):
     assert [r.attempts for r in box.next_batch(1)] == [1]
 
 
+def test_requeue_delivered_makes_recent_deliveries_pending_again_durably(tmp_path):
+    now = [1_000_000.0]
+    box = Outbox(tmp_path / "o.sqlite", clock=lambda: now[0])
+    seqs = [box.commit(F(i, "urgent" if i == 3 else "routine")) for i in range(5)]
+    box.mark_delivered(seqs[:2])  # delivered at t0
+    now[0] += 100
+    box.mark_delivered(seqs[2:4])  # delivered at t0 + 100 (one routine, one urgent)
+    before = box.stats()
+    assert box.requeue_delivered(since=now[0] - 50) == 2
+    s = box.stats()
+    assert s["pending"] == {"urgent": 1, "routine": 2} and s["requeued"] == 2
+    assert s["pending_bytes"]["urgent"] == before["pending_bytes"]["urgent"] + len(box.next_batch(1)[0].payload)
+    assert [r.seq for r in box.next_batch(10)] == [seqs[3], seqs[2], seqs[4]]  # urgent first, then seq
+    assert box.requeue_delivered(since=now[0] - 50) == 0  # nothing delivered since: nothing to do
+    box.close()
+    box = Outbox(tmp_path / "o.sqlite", clock=lambda: now[0])
+    assert box.stats()["pending"] == {"urgent": 1, "routine": 2} and box.stats()["requeued"] == 2
+    assert box.mark_delivered([seqs[2], seqs[3]]) == 2 and box.depth() == 1  # delivered again, counted again
+    box.close()
+
+
 def test_row_cap_prunes_delivered_first_then_evicts_oldest_routine_never_urgent(box, tmp_path):
     box.max_rows = 10
     delivered = [box.commit(F(i)) for i in range(4)]
