@@ -239,3 +239,49 @@ def test_fast_jpeg_path_stays_off_when_it_disagrees_with_pydicom(monkeypatch):
     assert image._fast_jpeg is False
     ds = pydicom.dcmread(path)
     assert all(np.array_equal(f, pydicom.pixels.pixel_array(ds, index=i)) for i, f in enumerate(frames))
+
+
+def palette_dataset(pixels: np.ndarray, first_mapped: int, entries: int, seed: int) -> pydicom.Dataset:
+    """A PALETTE COLOR dataset with a random 16-bit palette of `entries` rows starting at `first_mapped`."""
+    ds = synthetic_dataset(pixels)
+    ds.Modality = "US"
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    bits = pixels.dtype.itemsize * 8
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelData = pixels.tobytes()
+    rng = np.random.default_rng(seed)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [entries % 65536, first_mapped, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", rng.integers(0, 65536, entries, dtype=np.uint16).tobytes())
+    return ds
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_palette_lookup_table_gives_pydicoms_colours(dtype):
+    """One table lookup per frame must equal pydicom's apply_color_lut scaled to 8 bits, value for value: below the
+    first mapped value, inside the palette and past its end (both clamp), for two files with different palettes."""
+    from edge_runtime.imaging.dicom import _palette_to_u8
+
+    top = np.iinfo(dtype).max
+    pixels = np.concatenate([np.arange(0, top + 1, max(1, (top + 1) // 4096)), [0, 9, 10, top]]).astype(dtype)
+    pixels = np.resize(pixels, (64, pixels.size // 64 + 1)).astype(dtype)
+    first = [palette_dataset(pixels, first_mapped=10, entries=200 if dtype == np.uint8 else 3000, seed=1),
+             palette_dataset(pixels, first_mapped=0, entries=256 if dtype == np.uint8 else 65536, seed=2)]
+    for ds in first + first:  # the second round comes from the per-dataset table cache
+        expected = _palette_to_u8(pixels, ds)
+        out = to_display(pixels, ds)
+        assert out.dtype == np.uint8 and out.shape == pixels.shape + (3,)
+        np.testing.assert_array_equal(out, expected)
+    assert not np.array_equal(to_display(pixels, first[0]), to_display(pixels, first[1]))
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["gdcm-US-ALOKA-16.dcm", "OBXXXX1A_rle_2frame.dcm"])
+def test_shared_palette_files_display_as_pydicom_does(name):
+    from edge_runtime.imaging.dicom import _palette_to_u8
+
+    ds = pydicom.dcmread(DICOM_DIR / "pydicom-data" / name)
+    frames = ds.pixel_array if int(ds.get("NumberOfFrames", 1)) > 1 else ds.pixel_array[None]
+    for raw in frames:
+        np.testing.assert_array_equal(to_display(raw, ds), _palette_to_u8(raw, ds))
