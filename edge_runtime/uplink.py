@@ -15,7 +15,8 @@ A PUBACK means the broker has the finding, not that a collector does. When a CON
 session for this device (a broker restarted without persistence, or a session that expired), whatever that
 broker acknowledged but had not yet passed on may be gone, so findings delivered in the last
 `resend_on_session_loss_s` seconds are made pending again and re-sent: duplicates, which consumers drop by
-finding_id, instead of a silent loss.
+finding_id, instead of a silent loss. With a session expiry of 0 (asked for, or granted by the broker) no session
+is ever present, so nothing is re-sent.
 
 Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
 as the last will and on a clean stop. Telemetry (outbox depth and uplink counters, no findings) goes to
@@ -157,6 +158,8 @@ class Uplink:
         self._rejected: list[int] = []
         self._connack: tuple[bool, str] | None = None
         self._session_present = False
+        self._session_kept = True  # False when the session expiry in force is 0: no session to lose
+        self._warned_no_session = False
         self._hold_until = 0.0
         self._hold_attempt = 0
         self._seen_commits = -1
@@ -309,6 +312,14 @@ class Uplink:
         window = self.cfg.resend_on_session_loss_s
         if window <= 0:
             return
+        if not self._session_kept:
+            # Every connect starts without a session, so a missing one says nothing about a broker restart;
+            # re-sending 10 minutes of findings at each reconnect of a flapping link would flood it.
+            if not self._warned_no_session:
+                self._warned_no_session = True
+                log.warning("uplink: no session is kept for this device (session expiry 0): findings a broker "
+                            "restarted without persistence had queued cannot be noticed and re-sent")
+            return
         try:
             n = self.outbox.requeue_delivered(since=self.outbox.clock() - window)
         except OutboxError as exc:
@@ -439,6 +450,10 @@ class Uplink:
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         ok = not reason_code.is_failure
         self._session_present = bool(getattr(flags, "session_present", False))
+        if self.v5:
+            # The broker may grant a shorter session expiry than asked for (MQTT 5 CONNACK property).
+            granted = getattr(properties, "SessionExpiryInterval", None) if properties is not None else None
+            self._session_kept = (self.cfg.session_expiry_s if granted is None else int(granted)) > 0
         self._connack = (ok, str(reason_code))
         window = self.cfg.inflight
         receive_max = getattr(properties, "ReceiveMaximum", None) if ok and properties is not None else None

@@ -266,6 +266,26 @@ def test_broker_restarted_mid_stream(rig, persistence, monkeypatch):
 
 
 @needs_mosquitto
+def test_no_re_send_when_no_session_is_kept(rig, caplog):
+    """With session expiry 0 every connect starts without a session, so a missing session says nothing about the
+    broker: the re-send of recent findings would only flood a flapping link. It stays off, and says so once."""
+    broker = rig.broker(persistence=False)
+    db = rig.tmp / "collector.sqlite"
+    col = rig.collector(broker.url, db)
+    box = rig.outbox()
+    up = rig.uplink(box, broker.url, session_expiry_s=0)
+    produced = produce(box, 20)
+    wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
+    broker.restart()
+    wait_until(lambda: up.counters["connects"] >= 2 and col.counters["connects"] >= 2, 20, what="both reconnected")
+    produced.update(produce(box, 5, start=20))
+    wait_until(lambda: box.depth() == 0 and len(collected(db)) >= 25, 20, what="later findings delivered")
+    assert_delivered(produced, collected(db))
+    assert up.counters["new_sessions"] == 2 and up.counters["requeued"] == 0 and box.stats()["requeued"] == 0
+    assert sum("no session is kept" in r.getMessage() for r in caplog.records) == 1
+
+
+@needs_mosquitto
 @pytest.mark.parametrize("policy", ["row-cap", "urgent-only-over-cap", "disk-full"])
 def test_store_full_while_offline(rig, policy):
     broker = rig.broker()
