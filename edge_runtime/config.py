@@ -65,6 +65,7 @@ class ServiceSection:
     log_format: str = "text"  # text | json
     stop_timeout_s: float = 20.0  # SIGTERM: in-flight work must finish within this
     stall_timeout_s: float = 20.0  # a stage busy this long on one item stops the watchdog pings
+    malloc_arenas: int = 2  # glibc malloc arenas (see edge_runtime/malloc.py); 0 = glibc's default, 8 per core
 
 
 @dataclass(frozen=True)

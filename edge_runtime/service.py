@@ -94,7 +94,9 @@ class ModelRunner:
 class Service:
     def __init__(self, config: Config) -> None:
         from edge_runtime.cli import make_registry
+        from edge_runtime.malloc import limit_arenas
 
+        limit_arenas(config.service.malloc_arenas)  # before any engine starts its threads
         self.config = config
         self.registry = make_registry(config)
         self.engine_kind = resolve_auto() if config.engine.kind == "auto" else config.engine.kind
