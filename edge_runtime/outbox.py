@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS findings (
 );
 CREATE INDEX IF NOT EXISTS findings_pending ON findings(rank, seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS findings_delivered ON findings(seq) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS findings_delivered_at ON findings(delivered_at) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS findings_age ON findings(created_at);
 CREATE TABLE IF NOT EXISTS evicted (
     seq        INTEGER PRIMARY KEY,
@@ -478,31 +479,39 @@ class Outbox:
             self.commits += 1
         return changed
 
-    def requeue_delivered(self, since: float) -> int:
-        """Make rows delivered at or after `since` (unix time) pending again; returns how many. The uplink calls
-        this when the broker has lost its session: whatever that broker acknowledged but had not yet passed on
-        to a subscriber is gone with it, so those findings are sent again (same finding_id; consumers
-        deduplicate). Durable (synchronous=FULL): a requeue lost to a power cut would be a silent loss."""
+    def requeue_delivered(self, window_s: float) -> int:
+        """Make pending again the rows delivered within `window_s` seconds before the most recent delivery; returns
+        how many. The uplink calls this when the broker has lost its session: whatever that broker acknowledged but
+        had not yet passed on to a subscriber is gone with it, so those findings are sent again (same finding_id;
+        consumers deduplicate). The window ends at the last delivery, not now, so a broker that stayed down for
+        longer than the window still gets back what it held when it went down. Durable (synchronous=FULL): a
+        requeue lost to a power cut would be a silent loss."""
         conn = self._w
+        n = 0
         with self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                meta = self._load_meta()
-                before = dict(meta)
-                rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings "
-                                    "WHERE state = 1 AND delivered_at >= ? GROUP BY rank", (since,)).fetchall()
-                conn.execute("UPDATE findings SET state = 0, delivered_at = NULL WHERE state = 1 AND delivered_at >= ?", (since,))
-                n = 0
-                for rank, count, size in rows:
-                    meta[f"pending_rows_{rank}"] += count
-                    meta[f"pending_bytes_{rank}"] += size
-                    n += count
-                meta["requeued"] += n
-                self._save_meta(meta, before)
+                last = conn.execute("SELECT MAX(delivered_at) FROM findings WHERE state = 1").fetchone()[0]
+                if last is not None:
+                    since = last - window_s
+                    meta = self._load_meta()
+                    before = dict(meta)
+                    rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings INDEXED BY findings_delivered_at "
+                                        "WHERE state = 1 AND delivered_at >= ? GROUP BY rank", (since,)).fetchall()
+                    conn.execute("UPDATE findings SET state = 0, delivered_at = NULL WHERE state = 1 AND delivered_at >= ?", (since,))
+                    for rank, count, size in rows:
+                        meta[f"pending_rows_{rank}"] += count
+                        meta[f"pending_bytes_{rank}"] += size
+                        n += count
+                    meta["requeued"] += n
+                    self._save_meta(meta, before)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                try:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
                 raise OutboxError(str(self.path), f"cannot requeue delivered findings ({exc})") from None
         if n:
             self.commits += 1

@@ -13,9 +13,10 @@ session expiry on MQTT 5, clean_session = False on 3.1.1).
 
 A PUBACK means the broker has the finding, not that a collector does. When a CONNACK says the broker holds no
 session for this device (a broker restarted without persistence, or a session that expired), whatever that
-broker acknowledged but had not yet passed on may be gone, so findings delivered in the last
-`resend_on_session_loss_s` seconds are made pending again and re-sent: duplicates, which consumers drop by
-finding_id, instead of a silent loss. With a session expiry of 0 (asked for, or granted by the broker) no session
+broker acknowledged but had not yet passed on may be gone, so findings delivered in the
+`resend_on_session_loss_s` seconds before the last delivery are made pending again and re-sent: duplicates, which
+consumers drop by finding_id, instead of a silent loss. A re-send that fails (an outbox error) is retried every
+second until it succeeds, since the next CONNACK will report the new session as present. With a session expiry of 0 (asked for, or granted by the broker) no session
 is ever present, so nothing is re-sent.
 
 Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
@@ -159,6 +160,8 @@ class Uplink:
         self._connack: tuple[bool, str] | None = None
         self._session_present = False
         self._session_kept = True  # False when the session expiry in force is 0: no session to lose
+        self._requeue_owed = False  # a lost session's re-send that has not succeeded yet
+        self._requeue_tried = 0.0
         self._warned_no_session = False
         self._hold_until = 0.0
         self._hold_attempt = 0
@@ -299,6 +302,9 @@ class Uplink:
             self.last_error = ""
             log.info("uplink connected to %s:%d (window %d)", self.target.host, self.target.port, self.window)
             if not self._session_present:
+                self.counters["new_sessions"] += 1
+                self._requeue_owed = True
+            if self._requeue_owed:
                 self._requeue_recent()
             client.publish(self.topic_status, "online", qos=1, retain=True)
             self._pump(client)
@@ -307,12 +313,15 @@ class Uplink:
             self._end_session(client)
 
     def _requeue_recent(self) -> None:
-        """The broker holds no session for this device: re-send what it acknowledged recently (see the module doc)."""
-        self.counters["new_sessions"] += 1
+        """The broker held no session for this device: re-send what it acknowledged recently (see the module doc).
+        Owed until it succeeds: the broker now keeps a session, so the next CONNACK would not ask for it again."""
         window = self.cfg.resend_on_session_loss_s
+        self._requeue_tried = time.monotonic()
         if window <= 0:
+            self._requeue_owed = False
             return
         if not self._session_kept:
+            self._requeue_owed = False
             # Every connect starts without a session, so a missing one says nothing about a broker restart;
             # re-sending 10 minutes of findings at each reconnect of a flapping link would flood it.
             if not self._warned_no_session:
@@ -321,14 +330,16 @@ class Uplink:
                             "restarted without persistence had queued cannot be noticed and re-sent")
             return
         try:
-            n = self.outbox.requeue_delivered(since=self.outbox.clock() - window)
+            n = self.outbox.requeue_delivered(window)
         except OutboxError as exc:
-            log.error("uplink: %s", exc)
+            log.error("uplink: %s; the re-send after the lost session is tried again in a second", exc)
             return
+        self._requeue_owed = False
         if n:
             self.counters["requeued"] += n
-            log.warning("uplink: the broker holds no session for this device (restarted without persistence, or the "
-                        "session expired); re-sending the %d findings it acknowledged in the last %.0f s", n, window)
+            log.warning("uplink: the broker held no session for this device (restarted without persistence, or the "
+                        "session expired); re-sending the %d findings delivered in the last %.0f s before the link "
+                        "went down", n, window)
 
     def _failed(self, why: str) -> None:
         self.counters["connect_failures"] += 1
@@ -347,6 +358,8 @@ class Uplink:
             if self._stop.is_set():
                 self._drain_and_leave(client)
                 return
+            if self._requeue_owed and now - self._requeue_tried >= 1.0:
+                self._requeue_recent()
             # Fill the window (urgent first, then seq), within the rate cap and outside a hold.
             timeout = 0.05
             if self.cfg.rate_limit:

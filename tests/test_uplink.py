@@ -487,6 +487,49 @@ def test_from_config_without_broker_is_none_and_config_keys_are_strict(tmp_path)
         load_config(path)
 
 
+def _connack(up: Uplink, session_present: bool, granted_expiry: int | None = None) -> None:
+    """Feed the uplink's CONNACK callback as paho 2 would (MQTT 5)."""
+    from paho.mqtt.client import ConnectFlags
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    props = Properties(PacketTypes.CONNACK)
+    if granted_expiry is not None:
+        props.SessionExpiryInterval = granted_expiry
+    up._on_connect(None, None, ConnectFlags(session_present), ReasonCode(PacketTypes.CONNACK, "Success"), props)
+
+
+def _delivered_box(tmp_path) -> Outbox:
+    box = Outbox(tmp_path / "o.sqlite")
+    box.mark_delivered([box.commit(fake_finding(i, "routine", IDENTITY.device_id, IDENTITY.site)) for i in range(5)])
+    return box
+
+
+@pytest.mark.parametrize("granted, requeued", [(None, 5), (3600, 5), (0, 0)], ids=["as-asked", "shorter", "zero"])
+def test_a_session_expiry_of_0_granted_in_connack_turns_the_re_send_off(tmp_path, granted, requeued):
+    with _delivered_box(tmp_path) as box:
+        up = Uplink(box, mqtt_section("mqtt://127.0.0.1"), IDENTITY)  # asks for 7 days
+        _connack(up, session_present=False, granted_expiry=granted)
+        up._requeue_recent()
+        assert box.stats()["requeued"] == up.counters["requeued"] == requeued and not up._requeue_owed
+
+
+def test_a_failed_re_send_stays_owed_until_it_succeeds(tmp_path, monkeypatch):
+    from edge_runtime.outbox import OutboxError
+
+    with _delivered_box(tmp_path) as box:
+        up = Uplink(box, mqtt_section("mqtt://127.0.0.1"), IDENTITY)
+        real = box.requeue_delivered
+        monkeypatch.setattr(box, "requeue_delivered", lambda window: (_ for _ in ()).throw(OutboxError("o", "disk I/O error")))
+        up._requeue_owed = True  # what a CONNACK without a session sets
+        up._requeue_recent()
+        assert up._requeue_owed and box.depth() == 0  # not done: the pump tries again a second later
+        monkeypatch.setattr(box, "requeue_delivered", real)
+        up._requeue_recent()
+        assert not up._requeue_owed and box.depth() == 5 and up.counters["requeued"] == 5
+
+
 def test_start_never_blocks_and_stop_is_prompt_without_a_broker(tmp_path):
     from mqtt_helpers import free_port
 
