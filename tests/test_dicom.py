@@ -285,3 +285,20 @@ def test_shared_palette_files_display_as_pydicom_does(name):
     frames = ds.pixel_array if int(ds.get("NumberOfFrames", 1)) > 1 else ds.pixel_array[None]
     for raw in frames:
         np.testing.assert_array_equal(to_display(raw, ds), _palette_to_u8(raw, ds))
+
+
+def test_a_segmented_palette_shorter_than_its_descriptor_still_displays():
+    """pydicom can apply this palette to the values the frame holds but not to every 8-bit value: the lookup table
+    cannot be built, and the frame goes through pydicom directly instead of failing."""
+    from edge_runtime.imaging.dicom import _palette_to_u8
+
+    pixels = np.resize(np.arange(100, dtype=np.uint8), (10, 10))
+    ds = palette_dataset(pixels, first_mapped=0, entries=256, seed=3)
+    for colour in ("Red", "Green", "Blue"):
+        delattr(ds, f"{colour}PaletteColorLookupTableData")
+        segment = np.array([0, 100, *range(0, 65536, 656)[:100]], dtype=np.uint16)  # one discrete segment, 100 entries
+        setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", segment.tobytes())
+    with pytest.raises(IndexError):
+        _palette_to_u8(np.arange(256, dtype=np.uint8), ds)  # values past the 100 entries: pydicom gives up
+    out = to_display(pixels, ds)
+    np.testing.assert_array_equal(out, _palette_to_u8(pixels, ds))

@@ -332,18 +332,23 @@ def _palette_to_u8(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return _scale_to_u8(rgb, 0, (1 << bits) - 1) if rgb.dtype != np.uint8 else rgb
 
 
-_PALETTES: dict[int, tuple[weakref.ref, np.dtype, np.ndarray]] = {}
+_PALETTES: dict[int, tuple[weakref.ref, np.dtype, np.ndarray | None]] = {}
 _PALETTES_LOCK = threading.Lock()
 
 
-def _palette_table(ds: Dataset, dtype: np.dtype) -> np.ndarray:
+def _palette_table(ds: Dataset, dtype: np.dtype) -> np.ndarray | None:
     """The file's palette as a uint8 RGB table over every value `dtype` can hold (256 or 65,536 rows), built once per
-    dataset through pydicom: a frame is then one lookup (a 640x480 16-bit palette frame: 31 -> 1.5 ms)."""
+    dataset through pydicom: a frame is then one lookup (a 640x480 16-bit palette frame: 31 -> about 1 ms)."""
     with _PALETTES_LOCK:
         hit = _PALETTES.get(id(ds))
     if hit is not None and hit[0]() is ds and hit[1] == dtype:
         return hit[2]
-    table = np.ascontiguousarray(_palette_to_u8(np.arange(np.iinfo(dtype).max + 1, dtype=dtype), ds))
+    try:
+        table = np.ascontiguousarray(_palette_to_u8(np.arange(np.iinfo(dtype).max + 1, dtype=dtype), ds))
+    except (IndexError, ValueError, TypeError, KeyError, AttributeError):
+        # A palette pydicom cannot apply to every value (a segmented LUT shorter than its descriptor says) may still
+        # cover the values the frames hold: those frames go through pydicom directly, as before.
+        table = None
     with _PALETTES_LOCK:
         for key in [k for k, (ref, _, _) in _PALETTES.items() if ref() is None]:
             del _PALETTES[key]  # datasets that are gone
@@ -355,9 +360,8 @@ def to_display(raw: np.ndarray, ds: Dataset, windowing: str = "voi") -> np.ndarr
     """Stored frame values -> uint8 display image (gray HxW or RGB HxWx3)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
-        if raw.dtype in (np.uint8, np.uint16):
-            return np.take(_palette_table(ds, raw.dtype), raw, axis=0)
-        return _palette_to_u8(raw, ds)
+        table = _palette_table(ds, raw.dtype) if raw.dtype in (np.uint8, np.uint16) else None
+        return np.take(table, raw, axis=0) if table is not None else _palette_to_u8(raw, ds)
     if raw.ndim == 3:
         # RGB (pydicom has already converted YBR_* to RGB); scale wider samples down to 8 bits.
         if raw.dtype == np.uint8:
