@@ -5,7 +5,7 @@ sources, uplink, engine pools), and a 1955x1841 radiograph decoded on one of the
 but mapped in that thread's arena. Limiting the arenas to two (what `MALLOC_ARENA_MAX=2` does, set at start-up
 through `mallopt` so it applies outside systemd too) measured in edge-bench's live-feed scenario with a chest CR
 decoded mid-stream: peak RSS 294 -> 261-271 MB and 281 -> 240-249 MB after the study, with the same latency.
-An operator's own MALLOC_ARENA_MAX wins. Elsewhere than glibc (musl, macOS) this does nothing.
+An operator's own MALLOC_ARENA_MAX or GLIBC_TUNABLES arena_max wins. Elsewhere than glibc (musl, macOS) this does nothing.
 """
 from __future__ import annotations
 
@@ -32,8 +32,9 @@ def _glibc() -> ctypes.CDLL | None:
 
 def limit_arenas(n: int) -> bool:
     """Cap glibc's malloc arenas at `n` for threads that allocate from now on; True when applied. Call it before
-    the engines start their thread pools. n <= 0, an existing MALLOC_ARENA_MAX or a libc other than glibc: no-op."""
-    if n <= 0 or "MALLOC_ARENA_MAX" in os.environ:
+    the engines start their thread pools. n <= 0, the operator's own MALLOC_ARENA_MAX (or glibc.malloc.arena_max in
+    GLIBC_TUNABLES) or a libc other than glibc: no-op."""
+    if n <= 0 or "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     libc = _glibc()
     if libc is None:

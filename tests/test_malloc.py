@@ -42,8 +42,9 @@ CHILD = textwrap.dedent("""
 
 
 def arenas_after_threads(cap: int, env: dict[str, str] | None = None) -> tuple[bool, int]:
+    base = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}  # the CI host's own
     out = subprocess.run([sys.executable, "-c", CHILD, str(cap)], capture_output=True, text=True, check=True,
-                         env={**os.environ, **(env or {})}, timeout=60).stdout.split()
+                         env={**base, **(env or {})}, timeout=60).stdout.split()
     return out[0] == "True", int(out[1])
 
 
@@ -56,8 +57,10 @@ def test_arenas_are_capped_only_when_asked():
 
 
 @needs_glibc
-def test_an_operators_malloc_arena_max_wins():
-    applied, heaps = arenas_after_threads(2, env={"MALLOC_ARENA_MAX": "4"})
+@pytest.mark.parametrize("env", [{"MALLOC_ARENA_MAX": "4"}, {"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}],
+                         ids=["MALLOC_ARENA_MAX", "GLIBC_TUNABLES"])
+def test_an_operators_arena_setting_wins(env):
+    applied, heaps = arenas_after_threads(2, env=env)
     assert not applied and 2 < heaps <= 4
 
 
