@@ -110,6 +110,16 @@ def _is_full(exc: sqlite3.Error) -> bool:
     return "full" in str(exc).lower()
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """End a failed write transaction. A rollback that fails too (the connection is broken) is not the error to
+    report: the caller raises the one that made it roll back."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+
 def _chunks(seq: Sequence[int], n: int = _CHUNK) -> Iterable[Sequence[int]]:
     for i in range(0, len(seq), n):
         yield seq[i:i + n]
@@ -264,11 +274,7 @@ class Outbox:
             self._save_meta(meta, before)
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback(conn)
             for r in group:
                 if isinstance(r.error, (ValueError, TypeError)):
                     r.error = None  # retried with the others if we try again
@@ -394,11 +400,7 @@ class Outbox:
             conn.execute("COMMIT")
             return len(rows)
         except sqlite3.Error:
-            if conn.in_transaction:
-                try:
-                    conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+            _rollback(conn)
             return 0
 
     def _note_alarm(self, text: str) -> None:
@@ -465,8 +467,7 @@ class Outbox:
                 self._save_meta(meta, before)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 if _is_full(exc):
                     raise OutboxFull(str(self.path), f"disk or database full while marking delivery ({exc})") from None
                 raise OutboxError(str(self.path), f"cannot mark delivery ({exc})") from None
@@ -507,11 +508,7 @@ class Outbox:
                     self._save_meta(meta, before)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
-                try:
-                    if conn.in_transaction:
-                        conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
+                _rollback(conn)
                 raise OutboxError(str(self.path), f"cannot requeue delivered findings ({exc})") from None
         if n:
             self.commits += 1
