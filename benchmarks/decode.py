@@ -2,7 +2,7 @@
 
 Each file is opened with the runtime's `DicomImage` (header and size guard), then every frame (at most
 `--max-frames`) is decoded to its display image as the daemon does (`raw_frame`: the pixel-data plugin; then
-`to_display`: modality LUT, VOI/window, colour), `--runs` times with the first run discarded as warm-up.
+`DicomImage.display`: modality LUT, VOI/window, colour), `--runs` times with the first run discarded as warm-up.
 
     python -m benchmarks.decode --dicom ../shared/data/dicom
 """
@@ -20,7 +20,7 @@ from benchmarks.common import BenchError, child_entry, quiet_pydicom
 
 def decode_file(path: Path, runs: int, max_frames: int) -> dict[str, Any]:
     from edge_runtime.errors import InputError
-    from edge_runtime.imaging.dicom import DicomImage, to_display
+    from edge_runtime.imaging.dicom import DicomImage
     from pydicom.uid import UID
 
     t0 = time.perf_counter()
@@ -39,7 +39,7 @@ def decode_file(path: Path, runs: int, max_frames: int) -> dict[str, Any]:
                 t0 = time.perf_counter()
                 raw = image.raw_frame(index)
                 t1 = time.perf_counter()
-                to_display(raw, image.ds, "voi")
+                image.display(raw, "voi")
                 t2 = time.perf_counter()
                 if run > 0 or runs == 1:  # the first pass warms decoders and caches: discarded
                     raw_ms.append((t1 - t0) * 1000.0)

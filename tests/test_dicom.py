@@ -258,7 +258,7 @@ def palette_dataset(pixels: np.ndarray, first_mapped: int, entries: int, seed: i
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_palette_lookup_table_gives_pydicoms_colours(dtype):
+def test_palette_lookup_table_gives_pydicoms_colours(dtype, tmp_path):
     """One table lookup per frame must equal pydicom's apply_color_lut scaled to 8 bits, value for value: below the
     first mapped value, inside the palette and past its end (both clamp), for two files with different palettes."""
     from edge_runtime.imaging.dicom import _palette_to_u8
@@ -268,12 +268,14 @@ def test_palette_lookup_table_gives_pydicoms_colours(dtype):
     pixels = np.resize(pixels, (64, pixels.size // 64 + 1)).astype(dtype)
     first = [palette_dataset(pixels, first_mapped=10, entries=200 if dtype == np.uint8 else 3000, seed=1),
              palette_dataset(pixels, first_mapped=0, entries=256 if dtype == np.uint8 else 65536, seed=2)]
-    for ds in first + first:  # the second round comes from the per-dataset table cache
-        expected = _palette_to_u8(pixels, ds)
-        out = to_display(pixels, ds)
+    images = [DicomImage(write_dataset(ds, tmp_path / f"palette-{i}.dcm")) for i, ds in enumerate(first)]
+    for image in images + images:  # the second round uses the table each file built on its first frame
+        expected = _palette_to_u8(pixels, image.ds)
+        out = image.display_frame(0)
+        assert image._palette is not None  # the lookup table, not pydicom per frame
         assert out.dtype == np.uint8 and out.shape == pixels.shape + (3,)
         np.testing.assert_array_equal(out, expected)
-    assert not np.array_equal(to_display(pixels, first[0]), to_display(pixels, first[1]))
+    assert not np.array_equal(images[0].display_frame(0), images[1].display_frame(0))
 
 
 @needs_shared
@@ -281,16 +283,16 @@ def test_palette_lookup_table_gives_pydicoms_colours(dtype):
 def test_shared_palette_files_display_as_pydicom_does(name):
     from edge_runtime.imaging.dicom import _palette_to_u8
 
-    ds = pydicom.dcmread(DICOM_DIR / "pydicom-data" / name)
-    frames = ds.pixel_array if int(ds.get("NumberOfFrames", 1)) > 1 else ds.pixel_array[None]
-    for raw in frames:
-        np.testing.assert_array_equal(to_display(raw, ds), _palette_to_u8(raw, ds))
+    image = DicomImage(DICOM_DIR / "pydicom-data" / name)
+    for i in range(image.n_frames):
+        np.testing.assert_array_equal(image.display_frame(i), _palette_to_u8(image.raw_frame(i), image.ds))
+    assert image._palette is not None
 
 
-def test_a_segmented_palette_shorter_than_its_descriptor_still_displays():
+def test_a_segmented_palette_shorter_than_its_descriptor_still_displays(tmp_path):
     """pydicom can apply this palette to the values the frame holds but not to every 8-bit value: the lookup table
     cannot be built, and the frame goes through pydicom directly instead of failing."""
-    from edge_runtime.imaging.dicom import _palette_to_u8
+    from edge_runtime.imaging.dicom import _palette_to_u8, palette_table
 
     pixels = np.resize(np.arange(100, dtype=np.uint8), (10, 10))
     ds = palette_dataset(pixels, first_mapped=0, entries=256, seed=3)
@@ -300,5 +302,6 @@ def test_a_segmented_palette_shorter_than_its_descriptor_still_displays():
         setattr(ds, f"Segmented{colour}PaletteColorLookupTableData", segment.tobytes())
     with pytest.raises(IndexError):
         _palette_to_u8(np.arange(256, dtype=np.uint8), ds)  # values past the 100 entries: pydicom gives up
-    out = to_display(pixels, ds)
+    assert palette_table(ds, np.dtype(np.uint8)) is None
+    out = DicomImage(write_dataset(ds, tmp_path / "segmented.dcm")).display_frame(0)
     np.testing.assert_array_equal(out, _palette_to_u8(pixels, ds))

@@ -7,8 +7,6 @@ never sits in memory whole.
 """
 from __future__ import annotations
 
-import threading
-import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +160,8 @@ class DicomImage:
         self._check_decoder(UID(self.meta.transfer_syntax))
         self._fast_jpeg: bool | None = None if self._fast_jpeg_eligible() else False  # None: not yet checked
         self._fragments: list[bytes] | None = None
+        self._palette: np.ndarray | None = None  # PALETTE COLOR: the lookup table, once built
+        self._palette_built = False
 
     def _check_decoder(self, tsyntax: UID) -> None:
         try:
@@ -235,11 +235,18 @@ class DicomImage:
             return None
         return arr
 
+    def display(self, raw: np.ndarray, windowing: str = "voi") -> np.ndarray:
+        """One of this file's frames (stored values) -> uint8 display image; a palette becomes a table once per file."""
+        if not self._palette_built and self.meta.photometric.upper() == "PALETTE COLOR":
+            self._palette = palette_table(self.ds, raw.dtype)
+            self._palette_built = True
+        return to_display(raw, self.ds, windowing, self._palette)
+
     def display_frame(self, index: int, windowing: str = "voi") -> np.ndarray:
         """uint8 display image of one frame: gray HxW or RGB HxWx3."""
         raw = self.raw_frame(index)
         try:
-            return to_display(raw, self.ds, windowing)
+            return self.display(raw, windowing)
         except (ValueError, TypeError, IndexError, KeyError) as exc:
             raise InputError(self.name, f"frame {index} has pixel data inconsistent with its LUTs ({exc})") from None
 
@@ -332,36 +339,25 @@ def _palette_to_u8(values: np.ndarray, ds: Dataset) -> np.ndarray:
     return _scale_to_u8(rgb, 0, (1 << bits) - 1) if rgb.dtype != np.uint8 else rgb
 
 
-_PALETTES: dict[int, tuple[weakref.ref, np.dtype, np.ndarray | None]] = {}
-_PALETTES_LOCK = threading.Lock()
-
-
-def _palette_table(ds: Dataset, dtype: np.dtype) -> np.ndarray | None:
-    """The file's palette as a uint8 RGB table over every value `dtype` can hold (256 or 65,536 rows), built once per
-    dataset through pydicom: a frame is then one lookup (a 640x480 16-bit palette frame: 31 -> about 1 ms)."""
-    with _PALETTES_LOCK:
-        hit = _PALETTES.get(id(ds))
-    if hit is not None and hit[0]() is ds and hit[1] == dtype:
-        return hit[2]
+def palette_table(ds: Dataset, dtype: np.dtype) -> np.ndarray | None:
+    """The file's palette as a uint8 RGB table over every value `dtype` can hold (256 or 65,536 rows), built through
+    pydicom: a frame is then one lookup (a 640x480 16-bit palette frame: 31 -> about 1 ms). None for other dtypes,
+    and for a palette pydicom cannot apply to every value (a segmented LUT shorter than its descriptor says): it may
+    still cover the values the frames hold, and those frames go through pydicom directly, as before."""
+    if dtype not in (np.uint8, np.uint16):
+        return None
     try:
-        table = np.ascontiguousarray(_palette_to_u8(np.arange(np.iinfo(dtype).max + 1, dtype=dtype), ds))
+        return np.ascontiguousarray(_palette_to_u8(np.arange(np.iinfo(dtype).max + 1, dtype=dtype), ds))
     except (IndexError, ValueError, TypeError, KeyError, AttributeError):
-        # A palette pydicom cannot apply to every value (a segmented LUT shorter than its descriptor says) may still
-        # cover the values the frames hold: those frames go through pydicom directly, as before.
-        table = None
-    with _PALETTES_LOCK:
-        for key in [k for k, (ref, _, _) in _PALETTES.items() if ref() is None]:
-            del _PALETTES[key]  # datasets that are gone
-        _PALETTES[id(ds)] = (weakref.ref(ds), np.dtype(dtype), table)
-    return table
+        return None
 
 
-def to_display(raw: np.ndarray, ds: Dataset, windowing: str = "voi") -> np.ndarray:
-    """Stored frame values -> uint8 display image (gray HxW or RGB HxWx3)."""
+def to_display(raw: np.ndarray, ds: Dataset, windowing: str = "voi", palette: np.ndarray | None = None) -> np.ndarray:
+    """Stored frame values -> uint8 display image (gray HxW or RGB HxWx3). `palette`: the file's `palette_table`, when
+    it has one (DicomImage builds it once per file)."""
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if photometric == "PALETTE COLOR":
-        table = _palette_table(ds, raw.dtype) if raw.dtype in (np.uint8, np.uint16) else None
-        return np.take(table, raw, axis=0) if table is not None else _palette_to_u8(raw, ds)
+        return np.take(palette, raw, axis=0) if palette is not None else _palette_to_u8(raw, ds)
     if raw.ndim == 3:
         # RGB (pydicom has already converted YBR_* to RGB); scale wider samples down to 8 bits.
         if raw.dtype == np.uint8:
