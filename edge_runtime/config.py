@@ -101,7 +101,8 @@ class MqttSection:
     reconnect_max_s: float = 60.0
     connect_timeout_s: float = 10.0
     require_subscriber: bool = True  # MQTT 5: a PUBACK "no matching subscribers" leaves the finding pending
-    resend_on_session_loss_s: float = 600.0  # broker had no session for us: re-send what was delivered this long before the last delivery (0 = off)
+    # The broker had no session for us: re-send what was delivered this long before the last delivery (0 = off).
+    resend_on_session_loss_s: float = 600.0
     telemetry_interval_s: float = 60.0  # 0 = no telemetry messages
 
 

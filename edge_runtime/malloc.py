@@ -5,7 +5,8 @@ sources, uplink, engine pools), and a 1955x1841 radiograph decoded on one of the
 but mapped in that thread's arena. Limiting the arenas to two (what `MALLOC_ARENA_MAX=2` does, set at start-up
 through `mallopt` so it applies outside systemd too) measured in edge-bench's live-feed scenario with a chest CR
 decoded mid-stream: peak RSS 294 -> 261-271 MB and 281 -> 240-249 MB after the study, with the same latency.
-An operator's own MALLOC_ARENA_MAX or GLIBC_TUNABLES arena_max wins. Elsewhere than glibc (musl, macOS) this does nothing.
+An operator's own MALLOC_ARENA_MAX or GLIBC_TUNABLES arena_max wins. Elsewhere than glibc (musl, macOS) this does
+nothing.
 """
 from __future__ import annotations
 

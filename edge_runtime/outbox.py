@@ -497,9 +497,11 @@ class Outbox:
                     since = last - window_s
                     meta = self._load_meta()
                     before = dict(meta)
-                    rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings INDEXED BY findings_delivered_at "
-                                        "WHERE state = 1 AND delivered_at >= ? GROUP BY rank", (since,)).fetchall()
-                    conn.execute("UPDATE findings SET state = 0, delivered_at = NULL WHERE state = 1 AND delivered_at >= ?", (since,))
+                    rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings "
+                                        "INDEXED BY findings_delivered_at WHERE state = 1 AND delivered_at >= ? "
+                                        "GROUP BY rank", (since,)).fetchall()
+                    conn.execute("UPDATE findings SET state = 0, delivered_at = NULL "
+                                 "WHERE state = 1 AND delivered_at >= ?", (since,))
                     for rank, count, size in rows:
                         meta[f"pending_rows_{rank}"] += count
                         meta[f"pending_bytes_{rank}"] += size

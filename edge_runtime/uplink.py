@@ -16,8 +16,8 @@ session for this device (a broker restarted without persistence, or a session th
 broker acknowledged but had not yet passed on may be gone, so findings delivered in the
 `resend_on_session_loss_s` seconds before the last delivery are made pending again and re-sent: duplicates, which
 consumers drop by finding_id, instead of a silent loss. A re-send that fails (an outbox error) is retried every
-second until it succeeds, since the next CONNACK will report the new session as present. With a session expiry of 0 (asked for, or granted by the broker) no session
-is ever present, so nothing is re-sent.
+second until it succeeds, since the next CONNACK will report the new session as present. With a session expiry
+of 0 (asked for, or granted by the broker) no session is ever present, so nothing is re-sent.
 
 Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
 as the last will and on a clean stop. Telemetry (outbox depth and uplink counters, no findings) goes to
@@ -134,7 +134,8 @@ class Uplink:
         if mqtt.rate_limit < 0 or mqtt.reconnect_min_s <= 0 or mqtt.reconnect_max_s < mqtt.reconnect_min_s:
             raise ConfigError(where, "keys 'mqtt.rate_limit' >= 0 and 0 < 'mqtt.reconnect_min_s' <= 'mqtt.reconnect_max_s' required")
         if mqtt.resend_on_session_loss_s < 0:
-            raise ConfigError(where, f"key 'mqtt.resend_on_session_loss_s' must be >= 0 (0 = off); got {mqtt.resend_on_session_loss_s}")
+            raise ConfigError(where, "key 'mqtt.resend_on_session_loss_s' must be >= 0 (0 = off); "
+                                     f"got {mqtt.resend_on_session_loss_s}")
         base = topic_base(mqtt.topic_prefix, identity, where)
         self.topic_findings = f"{base}/findings"
         self.topic_status = f"{base}/status"

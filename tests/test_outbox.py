@@ -121,7 +121,8 @@ def recount(path) -> dict[str, int]:
     """The pending counters recomputed from the rows themselves, to compare with the meta table."""
     conn = sqlite3.connect(path)
     out = {f"pending_{k}_{r}": 0 for k in ("rows", "bytes") for r in (0, 1)}
-    for rank, n, size in conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings WHERE state = 0 GROUP BY rank"):
+    rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings WHERE state = 0 GROUP BY rank")
+    for rank, n, size in rows:
         out[f"pending_rows_{rank}"], out[f"pending_bytes_{rank}"] = n, size
     conn.close()
     return out

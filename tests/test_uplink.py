@@ -521,7 +521,11 @@ def test_a_failed_re_send_stays_owed_until_it_succeeds(tmp_path, monkeypatch):
     with _delivered_box(tmp_path) as box:
         up = Uplink(box, mqtt_section("mqtt://127.0.0.1"), IDENTITY)
         real = box.requeue_delivered
-        monkeypatch.setattr(box, "requeue_delivered", lambda window: (_ for _ in ()).throw(OutboxError("o", "disk I/O error")))
+
+        def broken(window_s):
+            raise OutboxError("o", "disk I/O error")
+
+        monkeypatch.setattr(box, "requeue_delivered", broken)
         up._requeue_owed = True  # what a CONNACK without a session sets
         up._requeue_recent()
         assert up._requeue_owed and box.depth() == 0  # not done: the pump tries again a second later
