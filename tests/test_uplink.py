@@ -502,7 +502,8 @@ def _connack(up: Uplink, session_present: bool, granted_expiry: int | None = Non
 
 def _delivered_box(tmp_path) -> Outbox:
     box = Outbox(tmp_path / "o.sqlite")
-    box.mark_delivered([box.commit(fake_finding(i, "routine", IDENTITY.device_id, IDENTITY.site)) for i in range(5)])
+    produce_batch(box, 5, priority="routine")
+    box.mark_delivered(_seqs(box).values())
     return box
 
 
