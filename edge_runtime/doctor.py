@@ -151,8 +151,9 @@ def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[s
     if pid:
         checks.append(_check("daemon", "ok", f"running on this state directory (pid {pid})"))
     if not problems:
-        names = ", ".join(f"{s.name} ({s.kind})" for s in config.sources) or "no sources"
-        checks.insert(0, _check("sources", "ok", f"{names} can be opened" + ("; broker reachable" if config.mqtt.broker else "")))
+        names = ", ".join(f"{s.name} ({s.kind})" for s in config.sources)
+        opened = [f"{names} can be opened"] if names else []
+        checks.insert(0, _check("sources", "ok", "; ".join(opened + (["broker reachable"] if config.mqtt.broker else []))))
     return checks
 
 
@@ -163,7 +164,7 @@ def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True
         {"title": "DICOM decoders", "checks": decoder_checks()},
         {"title": "Models", "checks": model_checks(config, registry, load_models)},
     ]
-    if config.source_path:
+    if config.source_path and (config.sources or config.mqtt.broker):
         sections.append({"title": "Configuration", "checks": configuration_checks(config, registry)})
     failures = [c for s in sections for c in s["checks"] if c["status"] == "fail"]
     warnings = [c for s in sections for c in s["checks"] if c["status"] == "warn"]
