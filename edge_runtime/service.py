@@ -540,9 +540,11 @@ class Service:
         try:
             self.start()
         except EdgeError:
+            self.stop_reason = "start failed"
             self.stop()
             raise
         except OSError as exc:  # e.g. the SCP or metrics port is taken
+            self.stop_reason = "start failed"
             self.stop()
             raise EdgeError("service", f"cannot start: {exc}") from None
         interval = min(watchdog_interval_s() or 2.0, 2.0)
