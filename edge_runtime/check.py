@@ -151,7 +151,11 @@ def _video_problem(device: str) -> str:
     import cv2
 
     quiet_opencv()
-    capture = cv2.VideoCapture(_capture_target(device))
+    target = _capture_target(device)
+    if isinstance(target, str) and "://" in target:  # a camera on the network: do not wait FFmpeg's 30 s
+        capture = cv2.VideoCapture(target, cv2.CAP_ANY, [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, int(BROKER_TIMEOUT_S * 1000)])
+    else:
+        capture = cv2.VideoCapture(target)
     try:
         return "" if capture.isOpened() else f"cannot open video source {device!r}"
     finally:

@@ -297,7 +297,9 @@ def render_status(report: dict) -> list[str]:
     up = int(report["uptime_s"])
     pending = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["outbox_pending"].items())) or "0"
     link = ("up" if report["link_up"] else "down") if report["uplink"] else "none (no [mqtt] broker configured)"
-    lines = [f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
+    not_up = [n for n, d in report["sources"].items() if d["state"] not in ("up", "unknown")]
+    state = ("ready" + (f" (not up: {', '.join(not_up)})" if not_up else "")) if report["ready"] else "starting"
+    lines = [f"edge-runtime {state}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
              f"link {link}, outbox pending: {pending}, delivered {int(report['outbox'].get('delivered', 0))}"]
     if report["uplink"]:
         u = report["uplink"]

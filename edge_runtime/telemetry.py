@@ -182,7 +182,11 @@ def setup_logging(verbosity: int = 0, fmt: str = "text", level: str | None = Non
 def quiet_opencv(debug: bool = False) -> None:
     """OpenCV logs from C++ straight to stderr ('[ WARN:0@0.730] global cap_v4l.cpp ...'), which would break a
     JSON log. Its messages are silenced; what matters (a device that does not open) is reported by our own
-    lines. OPENCV_LOG_LEVEL in the environment wins, for debugging a capture driver."""
+    lines. OPENCV_LOG_LEVEL in the environment wins, for debugging a capture driver. FFmpeg inside OpenCV
+    (RTSP, video files) logs through av_log, which OpenCV reads its level for when its FFmpeg backend first
+    starts: quiet (-8) unless set, or debugging."""
+    if not debug:
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
     if os.environ.get("OPENCV_LOG_LEVEL"):
         return
     import cv2
