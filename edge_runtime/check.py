@@ -1,7 +1,7 @@
 """`edge-runtime check --config FILE`: is this configuration going to work on this device, before a restart?
 
 Every check gives zero or more problems, each naming the file, the key and what to do. Nothing is started and
-nothing is written except a probe file in the state directory (removed again). The checks that touch the
+nothing is written (folders are judged by their permissions). The checks that touch the
 outside world (open the video device, bind the ports, connect to the broker) are short and bounded. A daemon
 already running on the same state directory holds its own ports: those are reported as held by it, not as
 problems. `doctor --config` reuses the source and broker checks; `run` refuses to start on a model problem.
@@ -233,7 +233,8 @@ def broker_problems(config: Config) -> list[Problem]:
     if not mqtt.broker:
         return []
     try:
-        uplink = Uplink(None, mqtt, DeviceIdentity(config.device.id, config.device.site), where=where)  # type: ignore[arg-type]
+        identity = DeviceIdentity(config.device.id, config.device.site)
+        uplink = Uplink(None, mqtt, identity, where=where)  # type: ignore[arg-type]  # validates only
     except ConfigError as exc:
         return [_from_config_error(exc, "mqtt.broker")]
     target = uplink.target

@@ -134,8 +134,8 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        shown = [{**r, "variants": ", ".join(f"{v['id']}[{v['precision']}:{'/'.join(v['engines'])}]" for v in r["variants"])}
-                 for r in rows]
+        shown = [{**r, "variants": ", ".join(f"{v['id']}[{v['precision']}:{'/'.join(v['engines'])}]"
+                                             for v in r["variants"])} for r in rows]
         print_table(shown, ["name", "version", "task", "modality", "budget_ms", "variants"])
     else:
         print("no models installed", file=sys.stderr)
@@ -195,7 +195,8 @@ def cmd_check(args: argparse.Namespace, config: Config | None) -> int:
     try:
         config = load_config(args.config)
     except EdgeError as exc:
-        problem = _from_config_error(exc, "-") if isinstance(exc, ConfigError) else Problem(exc.subject, "-", exc.reason, "fix the file")
+        problem = (_from_config_error(exc, "-") if isinstance(exc, ConfigError)
+                   else Problem(exc.subject, "-", exc.reason, "fix the file"))
         print_problems([problem], [], args.config)
         return 1
     problems, notes = run_all(config, make_registry(config))
@@ -218,7 +219,8 @@ def status_report(url: str) -> dict:
     # Every configured source has a state series, so a source that never produced a frame still shows.
     states = {labels["source"]: labels for labels, _ in s.get("edge_source_state", [])}
     since, retry = by("edge_source_state_since_seconds", "source"), by("edge_source_next_retry_seconds", "source")
-    sources = sorted(set(states) | set(by("edge_frames_in_total", "source")) | set(by("edge_input_errors_total", "source")))
+    sources = sorted(set(states) | set(by("edge_frames_in_total", "source"))
+                     | set(by("edge_input_errors_total", "source")))
     frames_in, dropped = by("edge_frames_in_total", "source"), by("edge_frames_dropped_total", "source")
     errors, quarantined = by("edge_input_errors_total", "source"), by("edge_quarantined_total", "source")
     buckets: dict[str, list[tuple[float, float]]] = {}
@@ -278,8 +280,8 @@ def status_report(url: str) -> dict:
                         "reason": states.get(n, {}).get("reason", ""),
                         "for_s": round(now - since[n], 1) if n in since else None,
                         "retry_in_s": round(max(0.0, retry[n] - now), 1) if n in retry else None,
-                        "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0), "errors": errors.get(n, 0.0),
-                        "quarantined": quarantined.get(n, 0.0)} for n in sources},
+                        "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0),
+                        "errors": errors.get(n, 0.0), "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
     }
 
@@ -314,7 +316,8 @@ def render_status(report: dict) -> list[str]:
                      "dropped": int(d["dropped"]), "errors": int(d["errors"]), "quarantined": int(d["quarantined"]),
                      "reason": why or "-"})
     if rows:
-        lines += table_lines(rows, ["source", "kind", "state", "frames_in", "dropped", "errors", "quarantined", "reason"])
+        lines += table_lines(rows, ["source", "kind", "state", "frames_in", "dropped", "errors", "quarantined",
+                                    "reason"])
     rows = []
     estimated = False
     for name, d in report["models"].items():
@@ -324,11 +327,13 @@ def render_status(report: dict) -> list[str]:
                      "p99_ms": f"{d['p99_ms']:.1f}" if d["p99_ms"] is not None else "-",
                      "urgent": int(f.get("urgent", 0)), "routine": int(f.get("routine", 0)),
                      "misses": int(d["budget_misses"]), "late": int(d["late"]),
-                     "running": d["operating_point"] or ("studies: best variant" if not d["level"] else int(d["level"])),
+                     "running": d["operating_point"] or ("studies: best variant" if not d["level"]
+                                                         else int(d["level"])),
                      "switches": int(d["switches"])})
     if rows:
         lines.append("")
-        lines += table_lines(rows, ["model", "p50_ms", "p99_ms", "urgent", "routine", "misses", "late", "running", "switches"])
+        lines += table_lines(rows, ["model", "p50_ms", "p99_ms", "urgent", "routine", "misses", "late", "running",
+                                    "switches"])
         lines.append("p50/p99: " + ("histogram estimates (bucket interpolation)" if estimated else
                                     "exact, over each model's recent findings"))
     return lines
@@ -408,10 +413,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="skip loading each model on each engine")
     p.set_defaults(func=cmd_doctor)
 
-    p = sub.add_parser("check", help="validate a configuration before a (re)start: keys, models, sources, broker, ports",
-                       description="Validate every key and cross-reference of --config FILE: models exist, engines and "
-                                   "devices available, sources openable, broker reachable and TLS coherent, ports free, "
-                                   "state directory writable, disk space. One line per problem; exit 1 on any.")
+    p = sub.add_parser("check", help="validate a configuration before a (re)start: keys, models, sources, broker, "
+                                     "ports",
+                       description="Validate every key and cross-reference of --config FILE: models exist, "
+                                   "engines and devices available, sources openable, broker reachable and TLS "
+                                   "coherent, ports free, state directory writable, disk space. One line per "
+                                   "problem; exit 1 on any.")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("run", help="run the daemon (sources, models, outbox, uplink) until SIGTERM",

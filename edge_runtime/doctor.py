@@ -153,7 +153,8 @@ def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[s
     if not problems:
         names = ", ".join(f"{s.name} ({s.kind})" for s in config.sources)
         opened = [f"{names} can be opened"] if names else []
-        checks.insert(0, _check("sources", "ok", "; ".join(opened + (["broker reachable"] if config.mqtt.broker else []))))
+        reached = ["broker reachable"] if config.mqtt.broker else []
+        checks.insert(0, _check("sources", "ok", "; ".join(opened + reached)))
     return checks
 
 

@@ -157,7 +157,7 @@ class Service:
         self.stop_reason = "stop requested"
         self.windows: dict[str, deque[float]] = {}  # model -> recent capture-to-result ms (exact percentiles)
         self._source_alarms: set[str] = set()
-        self._status_line = ""
+        self._status_line = ""  # the source states last sent as sd_notify STATUS
         self._export_states()
 
     # ------------------------------------------------------------ start-up
@@ -185,7 +185,7 @@ class Service:
         self.metrics.ready.set(1)
         self.ready.set()
         text, degraded = self._sources_line()
-        self._status_line = text
+        self._status_line = self._states_shape()
         sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s; {text}")
         log.log(logging.WARNING if degraded else logging.INFO, "ready in %.2f s; %s", self.ready_s, text)
 
@@ -220,6 +220,10 @@ class Service:
         text = f"up: {', '.join(up) or 'none'}" + (f"; not up: {'; '.join(down)}" if down else "")
         return text, bool(down)
 
+    def _states_shape(self) -> str:
+        """Which source is in which state and why, without the retry countdown: changes only on a transition."""
+        return repr(sorted((n, st.state, st.reason) for n, st in self.source_states().items()))
+
     def current_alarms(self) -> list[dict]:
         """Sources down longer than service.source_down_alarm_s; the uplink puts these in its telemetry."""
         limit = self.config.service.source_down_alarm_s
@@ -239,18 +243,20 @@ class Service:
         for name in self._source_alarms - alarms.keys():
             log.warning("source %s: alarm cleared", name, extra={"source": name})
         self._source_alarms = set(alarms)
-        text, _ = self._sources_line()
-        if text != self._status_line:  # systemctl status shows what is up now, not only at start
-            self._status_line = text
-            sd_notify(f"STATUS={text}")
+        shape = self._states_shape()
+        if shape != self._status_line:  # systemctl status shows what is up now, not only at start
+            self._status_line = shape
+            sd_notify(f"STATUS={self._sources_line()[0]}")
 
     def _export_states(self) -> None:
         m = self.metrics
         kinds = {src.name: src.kind for src in self.config.sources}
         m.watch_labeled("edge_source_up", "1 while a source delivers (live: feed open; study: inbox usable)",
                         ["source"], lambda: [((n,), 1.0 if s.up else 0.0) for n, s in self.source_states().items()])
-        m.watch_labeled("edge_source_state", "Each source's state and why (value 1)", ["source", "kind", "state", "reason"],
-                        lambda: [((n, kinds.get(n, ""), s.state, s.reason), 1.0) for n, s in self.source_states().items()])
+        m.watch_labeled("edge_source_state", "Each source's state and why (value 1)",
+                        ["source", "kind", "state", "reason"],
+                        lambda: [((n, kinds.get(n, ""), s.state, s.reason), 1.0)
+                                 for n, s in self.source_states().items()])
         m.watch_labeled("edge_source_state_since_seconds", "Unix time each source entered its state", ["source"],
                         lambda: [((n,), s.since) for n, s in self.source_states().items() if s.since])
         m.watch_labeled("edge_source_next_retry_seconds", "Unix time a down source is next tried", ["source"],

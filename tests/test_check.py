@@ -91,8 +91,8 @@ def test_several_mistakes_give_one_line_each(tmp_path, models_root):
         taken.listen()
         scp_port = taken.getsockname()[1]
         sources = (folder("xray", tmp_path / "not-a-folder", model="tiny-seh")
-                   + f'\n[[sources]]\nname = "pacs"\nkind = "dicom-scp"\nmodel = "tiny-cls"\ninbox = "{tmp_path / "scp"}"\n'
-                   f'host = "127.0.0.1"\nport = {scp_port}\n')
+                   + f'\n[[sources]]\nname = "pacs"\nkind = "dicom-scp"\nmodel = "tiny-cls"\n'
+                   f'inbox = "{tmp_path / "scp"}"\nhost = "127.0.0.1"\nport = {scp_port}\n')
         config = write(tmp_path, models_root, sources)
         r = edge("check", "--config", str(config))
     assert r.returncode == 1
@@ -125,4 +125,5 @@ def test_a_configuration_that_does_not_load_is_a_problem_line(tmp_path, models_r
 
 def test_check_needs_a_configuration():
     r = edge("check")
-    assert r.returncode == 2 and r.stderr.strip() == "edge-runtime: check: needs --config FILE (the configuration to check)"
+    assert r.returncode == 2
+    assert r.stderr.strip() == "edge-runtime: check: needs --config FILE (the configuration to check)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -432,14 +433,21 @@ DEAD_VIDEO = f'[[sources]]\nname = "probe"\nkind = "video"\nmodel = "fetal-head"
 
 
 @needs_absent_video
-def test_a_video_source_that_never_opens_is_visible_in_status_metrics_and_doctor(tmp_path, running, caplog):
+def test_a_video_source_that_never_opens_is_visible_in_status_metrics_and_doctor(tmp_path, running, caplog,
+                                                                                 monkeypatch):
     import logging
 
     caplog.set_level(logging.INFO, logger="edge_runtime")
     inbox = tmp_path / "inbox"
     port = free_port()
     config = write_config(tmp_path, DEAD_VIDEO + "\n" + folder_source(inbox), metrics_port=port)
-    service = running(config)
+    notify = NotifySocket(monkeypatch)
+    try:
+        service = running(config)
+        (ready_msg,) = [m for m in notify.messages() if m.startswith("READY=1")]
+    finally:
+        notify.close()
+    assert "STATUS=ready in" in ready_msg and "not up: probe down" in ready_msg  # systemctl status shows it
     ready = [r for r in caplog.records if r.getMessage().startswith("ready in")]
     assert len(ready) == 1 and ready[0].levelname == "WARNING", [r.getMessage() for r in caplog.records]
     assert "up: xray (dicom-folder)" in ready[0].getMessage() and "probe down" in ready[0].getMessage()
@@ -447,7 +455,8 @@ def test_a_video_source_that_never_opens_is_visible_in_status_metrics_and_doctor
 
     state = service.source_states()["probe"]
     assert state.state == "down" and ABSENT_VIDEO in state.reason and state.next_retry is not None
-    assert sample(service, "edge_source_up", source="probe") == 0 and sample(service, "edge_source_up", source="xray") == 1
+    assert sample(service, "edge_source_up", source="probe") == 0
+    assert sample(service, "edge_source_up", source="xray") == 1
     assert sample(service, "edge_source_state", source="probe", kind="video", state="down", reason=state.reason) == 1
 
     report = status_report(f"http://127.0.0.1:{port}/metrics")
@@ -474,7 +483,8 @@ def test_a_source_down_longer_than_the_alarm_time_raises_an_alarm_on_the_telemet
     try:
         mqtt = f'[mqtt]\nbroker = "{broker.url}"\ntelemetry_interval_s = 0.3\nreconnect_min_s = 0.2\n'
         config = write_config(tmp_path, DEAD_VIDEO, extra=mqtt)
-        config.write_text(config.read_text().replace("stop_timeout_s = 10\n", "stop_timeout_s = 10\nsource_down_alarm_s = 1\n"))
+        config.write_text(config.read_text().replace("stop_timeout_s = 10\n",
+                                                     "stop_timeout_s = 10\nsource_down_alarm_s = 1\n"))
         service = running(config)
         assert service.current_alarms() == []  # down, but not yet for long enough
         wait_until(lambda: service.current_alarms(), 15, what="the source-down alarm")
@@ -566,9 +576,12 @@ def test_run_logs_only_json_lifecycle_at_info_and_status_watch_redraws(tmp_path)
             watch.send_signal(signal.SIGINT)
             assert watch.wait(30) == 0 and "Traceback" not in watch.stderr.read()
         shown = watch_out.read_text()
-        assert "fp32 @ every frame" in shown and "exact, over each model's recent findings" in shown
+        # The operating point as the demo shows it (which one depends on how busy this machine is).
+        assert re.search(r"fetal-head .* (fp32|int8\S*) @ (every frame|[\d.]+/s) ", shown), shown
+        assert "exact, over each model's recent findings" in shown
         model = status_report(url)["models"]["fetal-head"]
-        assert model["percentiles"] == "exact, recent findings" and model["p50_ms"] <= model["p99_ms"] <= model["max_ms"]
+        assert model["percentiles"] == "exact, recent findings"
+        assert model["p50_ms"] <= model["p99_ms"] <= model["max_ms"]
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=30)
     finally:

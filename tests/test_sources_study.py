@@ -169,7 +169,8 @@ def test_scp_state_follows_the_listener_and_a_taken_port_is_named(scp, tmp_path)
 
     assert scp.state.state == "up"
     second = DicomScp("pacs", tmp_path / "inbox2", host="127.0.0.1", port=scp.port)
-    with pytest.raises(ConfigError, match=rf"source pacs: cannot listen on DICOM port 127\.0\.0\.1:{scp.port}: already in use"):
+    taken = rf"source pacs: cannot listen on DICOM port 127\.0\.0\.1:{scp.port}: already in use"
+    with pytest.raises(ConfigError, match=taken):
         second.start()
     assert second.state.state == "starting"
     scp.stop()
