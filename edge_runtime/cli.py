@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import warnings
@@ -11,8 +12,9 @@ from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.config import Config, load_config
+from edge_runtime.telemetry import LOG_LEVELS
 from edge_runtime.engines import EngineOptions
-from edge_runtime.errors import EdgeError, InputError
+from edge_runtime.errors import ConfigError, EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding, to_json
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
@@ -125,13 +127,16 @@ def cmd_models(args: argparse.Namespace, config: Config) -> int:
             error_line(exc)
             status = 1
             continue
-        variants = ", ".join(f"{v.id}[{v.precision}:{'/'.join(v.engines)}]" for v in m.variants)
+        variants = [{"id": v.id, "precision": v.precision, "engines": list(v.engines), "format": v.format,
+                     "file": v.path.name} for v in m.variants]
         rows.append({"name": m.name, "version": m.version, "task": m.task, "modality": "/".join(m.modality),
                      "budget_ms": m.latency_budget_ms, "variants": variants, "folder": str(m.folder)})
     if args.json:
         print(json.dumps(rows, indent=2))
     elif rows:
-        print_table(rows, ["name", "version", "task", "modality", "budget_ms", "variants"])
+        shown = [{**r, "variants": ", ".join(f"{v['id']}[{v['precision']}:{'/'.join(v['engines'])}]"
+                                             for v in r["variants"])} for r in rows]
+        print_table(shown, ["name", "version", "task", "modality", "budget_ms", "variants"])
     else:
         print("no models installed", file=sys.stderr)
     return status
@@ -148,7 +153,7 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 def cmd_doctor(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.doctor import run_checks
 
-    report = run_checks(config, make_registry(config), load_models=not args.quick)
+    report = run_checks(config, make_registry(config), load_models=not args.quick)  # with --config: its sources too
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -169,8 +174,34 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     if not config.source_path or not config.sources:
         where = config.source_path or "run"
         raise EdgeError(where, "the daemon needs --config FILE with at least one [[sources]] table (see README: Running the daemon)")
-    setup_logging(args.verbose, config.service.log_format)
+    from edge_runtime.check import model_problems
+
+    problems = model_problems(config, make_registry(config))  # nothing starts half-configured
+    if problems:
+        raise EdgeError(problems[0].file, problems[0].line().removeprefix(f"{problems[0].file}: "))
+    # A daemon logs its lifecycle at INFO by default (journald keeps it); -v still means DEBUG.
+    level = args.log_level or ("debug" if args.verbose else "info")
+    setup_logging(args.verbose, config.service.log_format, level=level)
     return Service(config).run_forever()
+
+
+# ---------------------------------------------------------------- check
+def cmd_check(args: argparse.Namespace, config: Config | None) -> int:
+    """Reads the configuration itself: a file that does not load is a problem in the table, not a crash."""
+    from edge_runtime.check import Problem, _from_config_error, print_problems, run_all
+
+    if not args.config:
+        raise EdgeError("check", "needs --config FILE (the configuration to check)")
+    try:
+        config = load_config(args.config)
+    except EdgeError as exc:
+        problem = (_from_config_error(exc, "-") if isinstance(exc, ConfigError)
+                   else Problem(exc.subject, "-", exc.reason, "fix the file"))
+        print_problems([problem], [], args.config)
+        return 1
+    problems, notes = run_all(config, make_registry(config))
+    print_problems(problems, notes, args.config)
+    return 1 if problems else 0
 
 
 def status_report(url: str) -> dict:
@@ -185,13 +216,20 @@ def status_report(url: str) -> dict:
             out[labels.get(label, "")] = out.get(labels.get(label, ""), 0.0) + value
         return out
 
-    sources = sorted(set(by("edge_frames_in_total", "source")) | set(by("edge_input_errors_total", "source")))
+    # Every configured source has a state series, so a source that never produced a frame still shows.
+    states = {labels["source"]: labels for labels, _ in s.get("edge_source_state", [])}
+    since, retry = by("edge_source_state_since_seconds", "source"), by("edge_source_next_retry_seconds", "source")
+    sources = sorted(set(states) | set(by("edge_frames_in_total", "source"))
+                     | set(by("edge_input_errors_total", "source")))
     frames_in, dropped = by("edge_frames_in_total", "source"), by("edge_frames_dropped_total", "source")
     errors, quarantined = by("edge_input_errors_total", "source"), by("edge_quarantined_total", "source")
     buckets: dict[str, list[tuple[float, float]]] = {}
     for labels, value in s.get("edge_latency_ms_bucket", []):
         if labels.get("stage") == "capture_to_result":
             buckets.setdefault(labels["model"], []).append((float(labels["le"]), value))
+    window: dict[str, dict[str, float]] = {}  # exact percentiles over the daemon's recent findings
+    for labels, value in s.get("edge_latency_window_ms", []):
+        window.setdefault(labels["model"], {})[labels["quantile"]] = value
     findings: dict[str, dict[str, float]] = {}
     for labels, value in s.get("edge_findings_total", []):
         findings.setdefault(labels["model"], {})[labels["priority"]] = value
@@ -200,67 +238,137 @@ def status_report(url: str) -> dict:
     level: dict[str, float] = {}  # the most degraded source of each model
     for labels, value in s.get("edge_budget_level", []):
         level[labels.get("model", "")] = max(level.get(labels.get("model", ""), 0.0), value)
+    operating: dict[str, dict] = {}  # the most degraded source's variant and rate, as the demo shows it
+    for labels, _ in s.get("edge_budget_level_info", []):
+        model, index = labels.get("model", ""), int(labels.get("level", "0"))
+        if model not in operating or index > operating[model]["index"]:
+            rate = float(labels.get("rate", "0") or 0)
+            operating[model] = {"index": index, "variant": labels.get("variant", ""), "rate_hz": rate,
+                                "text": f"{labels.get('variant', '')} @ {f'{rate:g}/s' if rate else 'every frame'}"}
+
+    def percentiles(name: str) -> dict:
+        if name in window:
+            w = window[name]
+            return {"p50_ms": w.get("0.5"), "p99_ms": w.get("0.99"), "max_ms": w.get("1"),
+                    "percentiles": "exact, recent findings"}
+        b = buckets.get(name, [])
+        return {"p50_ms": histogram_quantile(b, 0.5), "p99_ms": histogram_quantile(b, 0.99), "max_ms": None,
+                "percentiles": "histogram estimate"}
+
     models = {
         name: {
-            "p50_ms": histogram_quantile(b, 0.5),
-            "p99_ms": histogram_quantile(b, 0.99),
+            **percentiles(name),
             "findings": findings.get(name, {}),
             "budget_misses": misses.get(name, 0.0),
             "late": late.get(name, 0.0),
             "switches": switches.get(name, 0.0),
-            "level": level.get(name, 0.0),
+            "level": level.get(name, operating.get(name, {}).get("index", 0.0)),
+            "operating_point": operating.get(name, {}).get("text"),
         }
-        for name, b in buckets.items()
+        for name in sorted(set(buckets) | set(window))
     }
+    now = time.time()
     return {
         "url": url,
         "ready": bool(s.get("edge_ready", [({}, 0)])[0][1]),
-        "uptime_s": time.time() - s.get("edge_start_time_seconds", [({}, time.time())])[0][1],
+        "uptime_s": now - s.get("edge_start_time_seconds", [({}, now)])[0][1],
         "link_up": bool(s.get("edge_link_up", [({}, 0)])[0][1]),
         "outbox_pending": by("edge_outbox_pending", "priority"),
         "outbox": {k: s[f"edge_outbox_{k}_total"][0][1] for k in OUTBOX_COUNTERS if f"edge_outbox_{k}_total" in s},
         "uplink": {k: s[f"edge_uplink_{k}_total"][0][1] for k in UPLINK_COUNTERS if f"edge_uplink_{k}_total" in s},
-        "sources": {n: {"frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0), "errors": errors.get(n, 0.0),
-                        "quarantined": quarantined.get(n, 0.0)} for n in sources},
+        "sources": {n: {"kind": states.get(n, {}).get("kind", ""), "state": states.get(n, {}).get("state", "unknown"),
+                        "reason": states.get(n, {}).get("reason", ""),
+                        "for_s": round(now - since[n], 1) if n in since else None,
+                        "retry_in_s": round(max(0.0, retry[n] - now), 1) if n in retry else None,
+                        "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0),
+                        "errors": errors.get(n, 0.0), "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
     }
 
 
-def cmd_status(args: argparse.Namespace, config: Config) -> int:
-    url = args.url or f"http://{config.service.metrics_host.replace('0.0.0.0', '127.0.0.1')}:{config.service.metrics_port}/metrics"
-    try:
-        report = status_report(url)
-    except OSError as exc:
-        raise EdgeError("status", f"no daemon answering at {url} ({getattr(exc, 'reason', exc)}); is edge-runtime running?") from None
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (
+        f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
+
+def render_status(report: dict) -> list[str]:
+    """The status table as lines (printed once, or redrawn by --watch)."""
     up = int(report["uptime_s"])
     pending = ", ".join(f"{k} {int(v)}" for k, v in sorted(report["outbox_pending"].items())) or "0"
     link = ("up" if report["link_up"] else "down") if report["uplink"] else "none (no [mqtt] broker configured)"
-    print(f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
-          f"link {link}, outbox pending: {pending}, "
-          f"delivered {int(report['outbox'].get('delivered', 0))}")
+    not_up = [n for n, d in report["sources"].items() if d["state"] not in ("up", "unknown")]
+    state = ("ready" + (f" (not up: {', '.join(not_up)})" if not_up else "")) if report["ready"] else "starting"
+    lines = [f"edge-runtime {state}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
+             f"link {link}, outbox pending: {pending}, delivered {int(report['outbox'].get('delivered', 0))}"]
     if report["uplink"]:
         u = report["uplink"]
-        print(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "
-              f"resent {int(u.get('resent', 0))}, connects {int(u.get('connects', 0))}, "
-              f"failed connects {int(u.get('connect_failures', 0))}")
-    rows = [{"source": n, **{k: int(v) for k, v in d.items()}} for n, d in report["sources"].items()]
-    if rows:
-        print_table(rows, ["source", "frames_in", "dropped", "errors", "quarantined"])
+        lines.append(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "
+                     f"resent {int(u.get('resent', 0))}, connects {int(u.get('connects', 0))}, "
+                     f"failed connects {int(u.get('connect_failures', 0))}")
     rows = []
+    for n, d in report["sources"].items():
+        state = d["state"] + (f" {_duration(d['for_s'])}" if d["for_s"] is not None and d["state"] != "up" else "")
+        why = d["reason"] + (f"; retry in {_duration(d['retry_in_s'])}" if d["retry_in_s"] is not None else "")
+        rows.append({"source": n, "kind": d["kind"], "state": state, "frames_in": int(d["frames_in"]),
+                     "dropped": int(d["dropped"]), "errors": int(d["errors"]), "quarantined": int(d["quarantined"]),
+                     "reason": why or "-"})
+    if rows:
+        lines += table_lines(rows, ["source", "kind", "state", "frames_in", "dropped", "errors", "quarantined",
+                                    "reason"])
+    rows = []
+    estimated = False
     for name, d in report["models"].items():
         f = d["findings"]
+        estimated |= d["percentiles"] != "exact, recent findings"
         rows.append({"model": name, "p50_ms": f"{d['p50_ms']:.1f}" if d["p50_ms"] is not None else "-",
                      "p99_ms": f"{d['p99_ms']:.1f}" if d["p99_ms"] is not None else "-",
                      "urgent": int(f.get("urgent", 0)), "routine": int(f.get("routine", 0)),
-                     "misses": int(d["budget_misses"]), "late": int(d["late"]), "level": int(d["level"]),
+                     "misses": int(d["budget_misses"]), "late": int(d["late"]),
+                     "running": d["operating_point"] or ("studies: best variant" if not d["level"]
+                                                         else int(d["level"])),
                      "switches": int(d["switches"])})
     if rows:
-        print()
-        print_table(rows, ["model", "p50_ms", "p99_ms", "urgent", "routine", "misses", "late", "level", "switches"])
-    return 0
+        lines.append("")
+        lines += table_lines(rows, ["model", "p50_ms", "p99_ms", "urgent", "routine", "misses", "late", "running",
+                                    "switches"])
+        lines.append("p50/p99: " + ("histogram estimates (bucket interpolation)" if estimated else
+                                    "exact, over each model's recent findings"))
+    return lines
+
+
+def table_lines(rows: list[dict], columns: list[str]) -> list[str]:
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    out = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
+    out += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip() for r in rows]
+    return out
+
+
+def cmd_status(args: argparse.Namespace, config: Config) -> int:
+    url = args.url or f"http://{config.service.metrics_host.replace('0.0.0.0', '127.0.0.1')}:{config.service.metrics_port}/metrics"
+
+    def read() -> dict:
+        try:
+            return status_report(url)
+        except OSError as exc:
+            raise EdgeError("status", f"no daemon answering at {url} ({getattr(exc, 'reason', exc)}); is edge-runtime running?") from None
+
+    if not args.watch:
+        report = read()
+        print(json.dumps(report, indent=2) if args.json else "\n".join(render_status(report)))
+        return 0
+    if args.interval <= 0:
+        raise EdgeError("status", f"--interval must be above 0; got {args.interval:g}")
+    redraw = sys.stdout.isatty()
+    while True:  # until Ctrl-C (exit 0) or the daemon goes away (one line, exit 2)
+        report = read()
+        text = json.dumps(report) if args.json else "\n".join(render_status(report))
+        if redraw and not args.json:
+            sys.stdout.write("\x1b[H\x1b[2J")  # home and clear: a live table like the demo's
+        print(text if redraw or args.json else text + "\n", flush=True)
+        time.sleep(args.interval)
 
 
 # ---------------------------------------------------------------- demo
@@ -282,8 +390,7 @@ def cmd_demo(args: argparse.Namespace, config: Config) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Edge inference daemon for portable ultrasound and X-ray scanners.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    parser.add_argument("--config", help="TOML configuration file")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output on stderr")
+    add_common_options(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("infer", help="run a model on files, print one JSON finding per frame")
@@ -299,16 +406,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("doctor", help="check engines, devices, decoders and model integrity")
+    p = sub.add_parser("doctor", help="check engines, devices, decoders and model integrity",
+                       description="Engines, devices, decoders and model integrity; with --config also opens each "
+                                   "configured source briefly and reaches the broker.")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quick", action="store_true", help="skip loading each model on each engine")
     p.set_defaults(func=cmd_doctor)
-    p = sub.add_parser("run", help="run the daemon (sources, models, outbox, uplink) until SIGTERM")
+
+    p = sub.add_parser("check", help="validate a configuration before a (re)start: keys, models, sources, broker, "
+                                     "ports",
+                       description="Validate every key and cross-reference of --config FILE: models exist, "
+                                   "engines and devices available, sources openable, broker reachable and TLS "
+                                   "coherent, ports free, state directory writable, disk space. One line per "
+                                   "problem; exit 1 on any.")
+    p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("run", help="run the daemon (sources, models, outbox, uplink) until SIGTERM",
+                       description="Run the daemon configured by --config FILE until SIGTERM/SIGINT. One daemon per "
+                                   "state directory. Logs go to stderr at INFO (journald).")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="what the running daemon is doing (reads its metrics endpoint)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--url", help="metrics URL (default from config: http://127.0.0.1:9464/metrics)")
+    p.add_argument("--watch", action="store_true", help="redraw the table until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S", help="--watch refresh period (default 2 s)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("demo", help="run both shipped models on embedded inputs (phantom, chest CR)")
@@ -318,28 +440,56 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
 
     add_collect_parser(sub)
+    for command in sub.choices.values():  # options go before or after the subcommand: `run --config F`
+        add_common_options(command, top=False)
     return parser
+
+
+def add_common_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """The same options on the main parser and on every subcommand. On a subcommand their default is
+    SUPPRESS, so one given before the subcommand is not overwritten by the subcommand's default."""
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("--config", metavar="FILE", default=default(None), help="TOML configuration file")
+    parser.add_argument("-v", "--verbose", action="count", default=default(0), help="more log output on stderr")
+    parser.add_argument("--log-level", choices=LOG_LEVELS, default=default(None),
+                        help="log level (default: info for run, warning otherwise)")
+
+
+def _stdout_gone() -> int:
+    """`edge-runtime status | head -3`: the reader left. Point stdout at /dev/null so the interpreter's final
+    flush does not raise again, and exit quietly as a Unix filter does."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 141  # 128 + SIGPIPE, what a shell reports for a filter killed by a closed pipe
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.verbose == 0:
+    level = getattr(logging, args.log_level.upper()) if args.log_level else logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.verbose == 0 and level > logging.DEBUG:
         # pydicom warns about every tolerated header oddity; the one-line error per input is what counts.
         logging.getLogger("pydicom").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", module=r"pydicom(\..*)?")
     try:
+        if args.func is cmd_check:  # check reports a configuration that does not load as a problem, exit 1
+            return cmd_check(args, None)
         config = load_config(args.config)
-        return args.func(args, config)
+        status = args.func(args, config)
+        sys.stdout.flush()  # inside the try: a closed pipe found at the final flush is handled too
+        return status
+    except BrokenPipeError:
+        return _stdout_gone()
     except EdgeError as exc:
         error_line(exc)
         return 2
     except KeyboardInterrupt:
-        return 130
+        return 0 if getattr(args, "watch", False) else 130
 
 
 if __name__ == "__main__":

@@ -66,6 +66,7 @@ class ServiceSection:
     stop_timeout_s: float = 20.0  # SIGTERM: in-flight work must finish within this
     stall_timeout_s: float = 20.0  # a stage busy this long on one item stops the watchdog pings
     malloc_arenas: int = 2  # glibc malloc arenas (see edge_runtime/malloc.py); 0 = glibc's default, 8 per core
+    source_down_alarm_s: float = 60.0  # a source down this long raises an alarm on the telemetry topic; 0 = never
 
 
 @dataclass(frozen=True)

@@ -137,6 +137,27 @@ def model_checks(config: Config, registry: ModelRegistry, load_models: bool) -> 
     return checks
 
 
+def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[str, str]]:
+    """With --config: each source opened briefly and the broker reached, as `edge-runtime check` does; a source
+    that cannot work fails doctor (a dead video device must not read as 'all checks passed')."""
+    from edge_runtime.check import broker_problems, model_problems, source_problems
+    from edge_runtime.statelock import holder_pid
+
+    pid = holder_pid(config.state_dir)
+    problems, notes = source_problems(config, pid)
+    problems = model_problems(config, registry) + problems + broker_problems(config)
+    checks = [_check(p.key, "fail", f"{p.problem}; {p.fix}") for p in problems]
+    checks += [_check(n.key, "ok", n.text) for n in notes]
+    if pid:
+        checks.append(_check("daemon", "ok", f"running on this state directory (pid {pid})"))
+    if not problems:
+        names = ", ".join(f"{s.name} ({s.kind})" for s in config.sources)
+        opened = [f"{names} can be opened"] if names else []
+        reached = ["broker reachable"] if config.mqtt.broker else []
+        checks.insert(0, _check("sources", "ok", "; ".join(opened + reached)))
+    return checks
+
+
 def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True) -> dict[str, Any]:
     sections = [
         {"title": "System", "checks": system_checks(config)},
@@ -144,6 +165,8 @@ def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True
         {"title": "DICOM decoders", "checks": decoder_checks()},
         {"title": "Models", "checks": model_checks(config, registry, load_models)},
     ]
+    if config.source_path and (config.sources or config.mqtt.broker):
+        sections.append({"title": "Configuration", "checks": configuration_checks(config, registry)})
     failures = [c for s in sections for c in s["checks"] if c["status"] == "fail"]
     warnings = [c for s in sections for c in s["checks"] if c["status"] == "warn"]
     summary = f"{len(failures)} problem(s), {len(warnings)} warning(s)" if failures else f"all checks passed ({len(warnings)} warning(s))"

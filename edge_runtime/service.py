@@ -10,14 +10,20 @@
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import signal
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
+
+from edge_runtime import __version__
 from edge_runtime.budget import BudgetController, build_levels
 from edge_runtime.config import Config, SourceSection
 from edge_runtime.engines import resolve_auto
@@ -28,6 +34,8 @@ from edge_runtime.imaging.deid import load_or_create_key, pseudonym
 from edge_runtime.imaging.inputs import open_input
 from edge_runtime.pipeline import Predictor
 from edge_runtime.slot import LatestSlot
+from edge_runtime.sources.base import SourceState
+from edge_runtime.statelock import StateLock
 from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
 
 log = logging.getLogger("edge_runtime.service")
@@ -36,6 +44,34 @@ log = logging.getLogger("edge_runtime.service")
 OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued")
 UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
                    "connect_failures", "errors", "new_sessions", "requeued")
+LATENCY_WINDOW = 1000  # findings per model behind the exact percentiles `status` shows
+WINDOW_QUANTILES = (0.5, 0.95, 0.99, 1.0)
+FIRST_OPEN_WAIT_S = 5.0  # readiness waits this long for live sources' first open, to report what is up
+
+
+def _utc(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def describe_state(state: SourceState) -> str:
+    """'down (cannot open: ...; retry in 4 s)' for a log line or sd_notify STATUS."""
+    detail = [state.reason] if state.reason else []
+    if state.next_retry is not None:
+        detail.append(f"retry in {max(0.0, state.next_retry - time.time()):.0f} s")
+    return state.state + (f" ({'; '.join(detail)})" if detail else "")
+
+
+def study_summary(finding: dict) -> str:
+    """What one processed study gave, for its log line: the label and probability, or the measurements."""
+    result = finding.get("result", {})
+    if "label" in result:
+        p = result.get("probabilities", {}).get(result["label"])
+        text = result["label"] + (f" p={p:.2f}" if isinstance(p, (int, float)) else "")
+    elif result.get("measurements"):
+        text = ", ".join(f"{k} {v}" for k, v in result["measurements"].items())
+    else:
+        text = result.get("note") or result.get("reason") or "no result"
+    return f"{text}, {finding.get('priority', '?')}"
 
 
 class StudyInterrupted(Exception):
@@ -117,14 +153,23 @@ class Service:
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.alarms: list[str] = []
+        self.lock = StateLock(config.state_dir)
+        self.stop_reason = "stop requested"
+        self.windows: dict[str, deque[float]] = {}  # model -> recent capture-to-result ms (exact percentiles)
+        self._source_alarms: set[str] = set()
+        self._status_line = ""  # the source states last sent as sd_notify STATUS
+        self._export_states()
 
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
         from edge_runtime.outbox import Outbox
 
+        self.lock.acquire()  # first: a second daemon on this state directory must open nothing
         t0 = time.monotonic()
+        log.info("starting edge-runtime %s: config %s, state directory %s, %d source(s)", __version__,
+                 self.config.source_path or "(defaults)", self.config.state_dir, len(self.config.sources))
         if self.config.service.metrics_port:
-            self.metrics_port = self.metrics.serve(self.config.service.metrics_host, self.config.service.metrics_port)
+            self.metrics_port = self._serve_metrics()
         self.outbox = Outbox.from_config(self.config)
         self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS, gauges=("rows", "bytes"))
         for src in self.config.sources:
@@ -133,18 +178,115 @@ class Service:
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
+        deadline = time.monotonic() + FIRST_OPEN_WAIT_S
+        for source in self.live_sources:  # "ready" must say whether the probe is really there
+            source.first_attempt.wait(max(0.0, deadline - time.monotonic()))
         self.ready_s = time.monotonic() - t0
         self.metrics.ready.set(1)
         self.ready.set()
-        sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s: {len(self.config.sources)} source(s)")
-        log.warning("ready in %.2f s: %s", self.ready_s,
-                    ", ".join(f"{s.name} ({s.kind}) -> {s.model}" for s in self.config.sources) or "no sources")
+        text, degraded = self._sources_line()
+        self._status_line = self._states_shape()
+        sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s; {text}")
+        log.log(logging.WARNING if degraded else logging.INFO, "ready in %.2f s; %s", self.ready_s, text)
+
+    def _serve_metrics(self) -> int:
+        host, port = self.config.service.metrics_host, self.config.service.metrics_port
+        try:
+            return self.metrics.serve(host, port)
+        except OSError as exc:  # name the port: "Address already in use" alone does not say which one
+            why = "already in use (a second daemon?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise EdgeError(self.config.source_path or "service", f"key 'service.metrics_port': cannot listen on "
+                                                                  f"{host}:{port} for metrics: {why}; free the port "
+                                                                  "or set another service.metrics_port") from None
+
+    # ------------------------------------------------------------ source states
+    def source_states(self) -> dict[str, SourceState]:
+        """Every configured source, started or not: a source that never produced a frame still shows."""
+        states = {src.name: SourceState("starting") for src in self.config.sources}
+        for source in list(self.live_sources):
+            states[source.name] = source.state
+        for name, folder in list(self.folders.items()):
+            states[name] = folder.check_state()
+        for scp in list(self.scps):
+            if not scp.state.up:  # an SCP that is not listening is down whatever its inbox says
+                states[scp.name] = scp.state
+        return states
+
+    def _sources_line(self) -> tuple[str, bool]:
+        """'up: a (video) -> m; down: b (cannot open ...)' and whether anything is not up."""
+        states = self.source_states()
+        up = [f"{s.name} ({s.kind}) -> {s.model}" for s in self.config.sources if states[s.name].up]
+        down = [f"{s.name} {describe_state(states[s.name])}" for s in self.config.sources if not states[s.name].up]
+        text = f"up: {', '.join(up) or 'none'}" + (f"; not up: {'; '.join(down)}" if down else "")
+        return text, bool(down)
+
+    def _states_shape(self) -> str:
+        """Which source is in which state and why, without the retry countdown: changes only on a transition."""
+        return repr(sorted((n, st.state, st.reason) for n, st in self.source_states().items()))
+
+    def current_alarms(self) -> list[dict]:
+        """Sources down longer than service.source_down_alarm_s; the uplink puts these in its telemetry."""
+        limit = self.config.service.source_down_alarm_s
+        if limit <= 0:
+            return []
+        now = time.time()
+        return [{"kind": "source_down", "source": name, "since": _utc(state.since), "down_s": round(now - state.since),
+                 "reason": state.reason}
+                for name, state in self.source_states().items() if state.state == "down" and now - state.since >= limit]
+
+    def _check_source_alarms(self) -> None:
+        alarms = {a["source"]: a for a in self.current_alarms()}
+        for name, alarm in alarms.items():
+            if name not in self._source_alarms:
+                log.error("ALARM: source %s down for %d s: %s", name, alarm["down_s"], alarm["reason"],
+                          extra={"source": name, "reason": alarm["reason"]})
+        for name in self._source_alarms - alarms.keys():
+            log.warning("source %s: alarm cleared", name, extra={"source": name})
+        self._source_alarms = set(alarms)
+        shape = self._states_shape()
+        if shape != self._status_line:  # systemctl status shows what is up now, not only at start
+            self._status_line = shape
+            sd_notify(f"STATUS={self._sources_line()[0]}")
+
+    def _export_states(self) -> None:
+        m = self.metrics
+        kinds = {src.name: src.kind for src in self.config.sources}
+        m.watch_labeled("edge_source_up", "1 while a source delivers (live: feed open; study: inbox usable)",
+                        ["source"], lambda: [((n,), 1.0 if s.up else 0.0) for n, s in self.source_states().items()])
+        m.watch_labeled("edge_source_state", "Each source's state and why (value 1)",
+                        ["source", "kind", "state", "reason"],
+                        lambda: [((n, kinds.get(n, ""), s.state, s.reason), 1.0)
+                                 for n, s in self.source_states().items()])
+        m.watch_labeled("edge_source_state_since_seconds", "Unix time each source entered its state", ["source"],
+                        lambda: [((n,), s.since) for n, s in self.source_states().items() if s.since])
+        m.watch_labeled("edge_source_next_retry_seconds", "Unix time a down source is next tried", ["source"],
+                        lambda: [((n,), s.next_retry) for n, s in self.source_states().items()
+                                 if s.state == "down" and s.next_retry is not None])
+        m.watch_labeled("edge_latency_window_ms", f"Exact capture-to-result percentiles over the last {LATENCY_WINDOW} "
+                        "findings per model (not bucket estimates)", ["model", "quantile"], self._window_quantiles)
+        m.watch_labeled("edge_budget_level_info", "The operating point each live source runs at (value 1); rate 0 = "
+                        "every frame", ["model", "source", "level", "variant", "rate"], self._level_info)
+
+    def _window_quantiles(self) -> list[tuple[tuple[str, str], float]]:
+        out = []
+        for model, window in list(self.windows.items()):
+            values = np.fromiter(list(window), float)
+            if values.size:
+                for q, v in zip(WINDOW_QUANTILES, np.quantile(values, WINDOW_QUANTILES)):
+                    out.append(((model, f"{q:g}"), float(v)))
+        return out
+
+    def _level_info(self) -> list[tuple[tuple[str, ...], float]]:
+        models = {src.name: src.model for src in self.config.sources}
+        return [((models.get(name, ""), name, str(b.index), b.level.variant, f"{b.level.max_rate_hz:g}"), 1.0)
+                for name, b in list(self.budgets.items())]
 
     def _start_uplink(self):
         from edge_runtime.uplink import Uplink
 
         uplink = Uplink.from_config(self.outbox, self.config, self.identity)
         if uplink is not None:
+            uplink.alarms = self.current_alarms  # telemetry carries the active alarms (sources down too long)
             self.metrics.watch("edge_uplink", uplink.stats, counters=UPLINK_COUNTERS, gauges=("inflight", "window"))
             uplink.start()
         return uplink
@@ -275,8 +417,12 @@ class Service:
 
         m = self.metrics
         try:
-            self._process_study(src, item, predictor, budget_ms, progress)
+            last, frames, ms = self._process_study(src, item, predictor, budget_ms, progress)
             item.done()
+            what = study_summary(last) if last is not None else "already committed before a restart"
+            log.info("%s: %s -> %s: %s, %.0f ms%s", src.name, item.path.name, predictor.manifest.name, what, ms,
+                     f" ({frames} frames, last shown)" if frames > 1 else "",
+                     extra={"source": src.name, "model": predictor.manifest.name, "input": item.path.name})
         except InputError as exc:
             m.input_errors.labels(src.name).inc()
             m.quarantined.labels(src.name).inc()
@@ -301,9 +447,13 @@ class Service:
         except OSError as exc:  # e.g. the quarantine folder is not writable: the file stays, nothing is lost
             self._alarm(f"cannot move a study file: {exc}")
 
-    def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float, progress: Progress) -> None:
+    def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float,
+                       progress: Progress) -> tuple[dict | None, int, float]:
+        """Commit a finding per frame; returns the last finding (None if all were committed before), the
+        number of frames and the milliseconds the file took, for its log line."""
         manifest = predictor.manifest
         t_open = time.monotonic()
+        finding = None
         inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
         if inp.modality and manifest.modality and inp.modality not in manifest.modality:
             raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
@@ -332,6 +482,7 @@ class Service:
             finding = self._finding(frame, predictor, prediction, budget_ms)
             self._commit(finding, source_item)
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
+        return finding, inp.n_frames, (time.monotonic() - t_open) * 1000.0
 
     def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
         return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
@@ -342,6 +493,7 @@ class Service:
         for stage, ms in frame.timings_ms.items():
             m.latency.labels(model, stage).observe(ms)
         m.latency.labels(model, "capture_to_result").observe(total_ms)
+        self.windows.setdefault(model, deque(maxlen=LATENCY_WINDOW)).append(total_ms)
         if total_ms > budget_ms:
             m.budget_misses.labels(model).inc()
         m.findings.labels(model, priority).inc()
@@ -373,6 +525,7 @@ class Service:
         else:
             log.error("stalled: %s; withholding the watchdog ping", ", ".join(stalled))
         self._update_gauges()
+        self._check_source_alarms()
         return stalled
 
     def _update_gauges(self) -> None:
@@ -384,14 +537,20 @@ class Service:
 
     def run_forever(self) -> int:
         """Start, supervise until SIGTERM/SIGINT, stop cleanly. Returns the exit status."""
+        def on_signal(signum, _frame) -> None:
+            self.stop_reason = signal.Signals(signum).name
+            self.stop_event.set()
+
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop_event.set())
+            signal.signal(sig, on_signal)
         try:
             self.start()
         except EdgeError:
+            self.stop_reason = "start failed"
             self.stop()
             raise
         except OSError as exc:  # e.g. the SCP or metrics port is taken
+            self.stop_reason = "start failed"
             self.stop()
             raise EdgeError("service", f"cannot start: {exc}") from None
         interval = min(watchdog_interval_s() or 2.0, 2.0)
@@ -403,6 +562,9 @@ class Service:
         return self.stop()
 
     def stop(self) -> int:
+        t0 = time.monotonic()
+        if self.lock.held:
+            log.info("stopping (%s)", self.stop_reason)
         sd_notify("STOPPING=1")
         self.stop_event.set()
         deadline = time.monotonic() + self.config.service.stop_timeout_s
@@ -422,4 +584,8 @@ class Service:
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
         self.metrics.shutdown()
+        if self.lock.held:
+            log.info("stopped in %.1f s (%s)%s", time.monotonic() - t0, self.stop_reason,
+                     "" if status == 0 else "; some work did not finish in time")
+            self.lock.release()
         return status

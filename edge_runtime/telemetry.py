@@ -7,6 +7,7 @@ import os
 import socket
 import time
 import urllib.request
+from collections.abc import Iterable, Sequence
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -51,6 +52,12 @@ class Metrics:
         """Export a component's own counters (uplink, outbox) read at scrape time, so they are never stale."""
         self._live.sources.append((prefix, stats, counters, gauges))
 
+    def watch_labeled(self, name: str, doc: str, labels: Sequence[str],
+                      read: Callable[[], Iterable[tuple[Sequence[str], float]]]) -> None:
+        """Export a gauge family computed at scrape time: `read()` gives (label values, value) pairs (source
+        states, exact window percentiles), so a series appears and disappears with what it describes."""
+        self._live.labeled.append((name, doc, tuple(labels), read))
+
     def serve(self, host: str = "127.0.0.1", port: int = 9464) -> int:
         """Start the HTTP endpoint; returns the port (0 picks a free one)."""
         self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
@@ -67,6 +74,7 @@ class _LiveStats:
 
     def __init__(self) -> None:
         self.sources: list[tuple[str, Callable[[], dict[str, Any]], tuple[str, ...], tuple[str, ...]]] = []
+        self.labeled: list[tuple[str, str, tuple[str, ...], Callable[[], Iterable[tuple[Sequence[str], float]]]]] = []
 
     def describe(self):
         return []  # values are read at scrape time; nothing to check at registration
@@ -85,6 +93,14 @@ class _LiveStats:
                 if isinstance(values.get(key), (int, float)):
                     yield GaugeMetricFamily(f"{prefix}_{key}", f"{prefix.removeprefix('edge_')} {key.replace('_', ' ')}",
                                             value=values[key])
+        for name, doc, labels, read in self.labeled:
+            family = GaugeMetricFamily(name, doc, labels=list(labels))
+            try:
+                for values, value in read():
+                    family.add_metric([str(v) for v in values], float(value))
+            except Exception:  # same rule: a component being torn down must not break the endpoint
+                continue
+            yield family
 
 
 def scrape(url: str, timeout: float = 2.0) -> dict[str, list[tuple[dict[str, str], float]]]:
@@ -135,7 +151,16 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False)
 
 
-def setup_logging(verbosity: int = 0, fmt: str = "text") -> None:
+LOG_LEVELS = ("debug", "info", "warning", "error")
+# Third-party loggers that are chatty at INFO (pynetdicom logs every association) or that warn about every
+# tolerated header oddity (pydicom): routed into our handler, at a level a technician can read.
+THIRD_PARTY_LEVELS = {"pynetdicom": logging.WARNING, "paho": logging.WARNING, "urllib3": logging.WARNING,
+                      "PIL": logging.WARNING, "pydicom": logging.ERROR, "openvino": logging.WARNING}
+
+
+def setup_logging(verbosity: int = 0, fmt: str = "text", level: str | None = None) -> None:
+    """One handler on the root logger, so our lines and third-party ones come out in one format. `level`
+    (debug|info|warning|error) wins over `verbosity` (-v steps down from WARNING)."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -143,7 +168,30 @@ def setup_logging(verbosity: int = 0, fmt: str = "text") -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING - 10 * min(verbosity, 2))
+    numeric = getattr(logging, level.upper()) if level else logging.WARNING - 10 * min(verbosity, 2)
+    root.setLevel(numeric)
+    for name, floor in THIRD_PARTY_LEVELS.items():
+        third = logging.getLogger(name)
+        third.handlers[:] = []  # pynetdicom installs its own stderr handler: one format, one stream
+        third.propagate = True
+        third.setLevel(logging.DEBUG if numeric <= logging.DEBUG else floor)
+    logging.captureWarnings(True)  # warnings.warn() from libraries -> the 'py.warnings' logger, same format
+    quiet_opencv(debug=numeric <= logging.DEBUG)
+
+
+def quiet_opencv(debug: bool = False) -> None:
+    """OpenCV logs from C++ straight to stderr ('[ WARN:0@0.730] global cap_v4l.cpp ...'), which would break a
+    JSON log. Its messages are silenced; what matters (a device that does not open) is reported by our own
+    lines. OPENCV_LOG_LEVEL in the environment wins, for debugging a capture driver. FFmpeg inside OpenCV
+    (RTSP, video files) logs through av_log, which OpenCV reads its level for when its FFmpeg backend first
+    starts: quiet (-8) unless set, or debugging."""
+    if not debug:
+        os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    if os.environ.get("OPENCV_LOG_LEVEL"):
+        return
+    import cv2
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_WARNING if debug else cv2.utils.logging.LOG_LEVEL_SILENT)
 
 
 # ------------------------------------------------------------------ systemd

@@ -34,7 +34,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 from edge_runtime.config import MqttSection
@@ -154,6 +154,7 @@ class Uplink:
                          "disconnects": 0, "connect_failures": 0, "errors": 0, "new_sessions": 0, "requeued": 0}
         self.last_error = ""
         self.beat = time.monotonic()
+        self.alarms: Callable[[], list[dict]] | None = None  # set by the service: active alarms for telemetry
         # Per-connection state.
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._acked: list[int] = []
@@ -458,6 +459,11 @@ class Uplink:
                 "outbox": {k: box[k] for k in ("pending", "pending_bytes", "rows", "bytes", "evicted",
                                                "over_cap_alarms", "full_alarms")},
                 "uplink": {k: v for k, v in self.stats().items() if k != "last_error"}}
+        if self.alarms is not None:
+            try:
+                body["alarms"] = self.alarms()
+            except Exception as exc:  # noqa: BLE001 - the service's hook must never stop the uplink thread
+                log.error("uplink: reading the alarms for telemetry failed: %s", exc)
         client.publish(self.topic_telemetry, json.dumps(body, separators=(",", ":")), qos=0)
 
     # ------------------------------------------------------------ paho callbacks (uplink thread, inside loop())

@@ -160,3 +160,50 @@ def test_bad_config_is_one_line(tmp_path):
     cfg.write_text("[engine]\nthreads = 'many'\n")
     r = edge("--config", str(cfg), "models")
     assert r.returncode == 2 and r.stderr.strip() == f"edge-runtime: {cfg}: key 'engine.threads' must be integer, got str 'many'"
+
+
+def test_options_go_before_or_after_the_subcommand(config_file):
+    after = edge("models", "list", "--json", "--config", str(config_file), "--log-level", "debug")
+    before = edge("--config", str(config_file), "models", "list", "--json")
+    assert after.returncode == 0 and before.returncode == 0, after.stderr + before.stderr
+    names = {r["name"] for r in json.loads(after.stdout)}
+    assert names == {r["name"] for r in json.loads(before.stdout)} and "tiny-cls" in names
+
+
+def test_models_list_json_gives_variants_as_objects(config_file):
+    rows = {r["name"]: r for r in json.loads(edge("--config", str(config_file), "models", "list", "--json").stdout)}
+    (variant,) = rows["tiny-cls"]["variants"]
+    assert variant == {"id": "fp32", "precision": "fp32", "engines": ["onnxruntime", "openvino"], "format": "onnx",
+                       "file": "model.onnx"}
+
+
+def test_run_help_shows_its_options():
+    r = edge("run", "--help")
+    assert r.returncode == 0 and "--config FILE" in r.stdout and "--log-level" in r.stdout
+
+
+def test_run_config_after_the_subcommand_refuses_a_model_typo_naming_file_and_source(config_file):
+    typo = '\n[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "tiny-sge"\n'
+    config_file.write_text(config_file.read_text() + typo)
+    r = edge("run", "--config", str(config_file))
+    assert r.returncode == 2 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert line.startswith(f"edge-runtime: {config_file}: key 'sources[0].model'")
+    assert "'probe'" in line and "'tiny-sge'" in line and "did you mean 'tiny-seg'?" in line
+
+
+@pytest.mark.parametrize("command", [["models", "list"], ["models", "list", "--json"], ["doctor", "--quick"]])
+def test_a_reader_that_goes_away_is_no_traceback(config_file, command):
+    """`edge-runtime models list | head -1` where head has already exited: no BrokenPipeError traceback."""
+    import os
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write to the pipe now fails with EPIPE
+    exe = shutil.which("edge-runtime")
+    cmd = ([exe] if exe else [sys.executable, "-m", "edge_runtime"]) + ["--config", str(config_file), *command]
+    try:
+        r = subprocess.run(cmd, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
+    assert r.returncode == 141

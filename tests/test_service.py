@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -22,6 +23,7 @@ from mqtt_helpers import Broker, free_port, needs_mosquitto, wait_until
 
 from edge_runtime.cli import status_report
 from edge_runtime.config import load_config
+from edge_runtime.errors import EdgeError
 from edge_runtime.service import Service
 
 
@@ -422,3 +424,174 @@ def test_a_capture_thread_stuck_in_the_driver_stops_the_watchdog(tmp_path, runni
         wait_until(lambda: service.supervise_once() == [], 10, what="the capture to recover")
     finally:
         notify.close()
+
+
+# ------------------------------------------------------------------ issue 11: faults a technician can see
+ABSENT_VIDEO = "/dev/video9"
+needs_absent_video = pytest.mark.skipif(os.path.exists(ABSENT_VIDEO), reason=f"{ABSENT_VIDEO} exists on this machine")
+DEAD_VIDEO = f'[[sources]]\nname = "probe"\nkind = "video"\nmodel = "fetal-head"\ndevice = "{ABSENT_VIDEO}"\n'
+
+
+@needs_absent_video
+def test_a_video_source_that_never_opens_is_visible_in_status_metrics_and_doctor(tmp_path, running, caplog,
+                                                                                 monkeypatch):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    inbox = tmp_path / "inbox"
+    port = free_port()
+    config = write_config(tmp_path, DEAD_VIDEO + "\n" + folder_source(inbox), metrics_port=port)
+    notify = NotifySocket(monkeypatch)
+    try:
+        service = running(config)
+        (ready_msg,) = [m for m in notify.messages() if m.startswith("READY=1")]
+    finally:
+        notify.close()
+    assert "STATUS=ready in" in ready_msg and "not up: probe down" in ready_msg  # systemctl status shows it
+    ready = [r for r in caplog.records if r.getMessage().startswith("ready in")]
+    assert len(ready) == 1 and ready[0].levelname == "WARNING", [r.getMessage() for r in caplog.records]
+    assert "up: xray (dicom-folder)" in ready[0].getMessage() and "probe down" in ready[0].getMessage()
+    assert ABSENT_VIDEO in ready[0].getMessage()
+
+    state = service.source_states()["probe"]
+    assert state.state == "down" and ABSENT_VIDEO in state.reason and state.next_retry is not None
+    assert sample(service, "edge_source_up", source="probe") == 0
+    assert sample(service, "edge_source_up", source="xray") == 1
+    assert sample(service, "edge_source_state", source="probe", kind="video", state="down", reason=state.reason) == 1
+
+    report = status_report(f"http://127.0.0.1:{port}/metrics")
+    probe = report["sources"]["probe"]  # listed although it never produced a frame
+    assert probe["state"] == "down" and probe["frames_in"] == 0 and ABSENT_VIDEO in probe["reason"]
+    assert probe["retry_in_s"] is not None and report["sources"]["xray"]["state"] == "up"
+    table = edge_cli("--config", str(config), "status")
+    assert table.returncode == 0, table.stderr
+    row = next(line for line in table.stdout.splitlines() if line.startswith("probe"))
+    assert "down" in row and ABSENT_VIDEO in row
+
+    doctor = edge_cli("doctor", "--quick", "--config", str(config), timeout=120)
+    assert doctor.returncode == 1, doctor.stdout
+    assert "[FAIL] sources[0].device" in doctor.stdout and ABSENT_VIDEO in doctor.stdout
+
+
+@needs_absent_video
+@needs_mosquitto
+def test_a_source_down_longer_than_the_alarm_time_raises_an_alarm_on_the_telemetry_topic(tmp_path, running, caplog):
+    from mqtt_helpers import Capture
+
+    broker = Broker(tmp_path / "broker").start()
+    capture = Capture(broker.port, topic="edge/v1/+/+/telemetry")
+    try:
+        mqtt = f'[mqtt]\nbroker = "{broker.url}"\ntelemetry_interval_s = 0.3\nreconnect_min_s = 0.2\n'
+        config = write_config(tmp_path, DEAD_VIDEO, extra=mqtt)
+        config.write_text(config.read_text().replace("stop_timeout_s = 10\n",
+                                                     "stop_timeout_s = 10\nsource_down_alarm_s = 1\n"))
+        service = running(config)
+        assert service.current_alarms() == []  # down, but not yet for long enough
+        wait_until(lambda: service.current_alarms(), 15, what="the source-down alarm")
+        service.supervise_once()
+        assert any(r.levelname == "ERROR" and "ALARM: source probe down" in r.getMessage() for r in caplog.records)
+
+        def alarmed() -> list[dict]:
+            bodies = [json.loads(p) for p in capture.payloads("/telemetry")]
+            return [a for b in bodies for a in b.get("alarms", [])]
+
+        alarm = wait_until(alarmed, 20, what="an alarm in a telemetry message")[-1]
+        assert alarm["kind"] == "source_down" and alarm["source"] == "probe" and alarm["down_s"] >= 1
+        assert ABSENT_VIDEO in alarm["reason"]
+    finally:
+        capture.close()
+        broker.stop()
+
+
+def test_a_second_daemon_on_the_same_state_directory_exits_2_naming_the_pid(tmp_path, running):
+    port = free_port()
+    config = write_config(tmp_path, PHANTOM, metrics_port=port)
+    running(config)
+    other = tmp_path / "other.toml"  # the same state directory, another metrics port
+    other.write_text(config.read_text().replace(f"metrics_port = {port}", f"metrics_port = {free_port()}"))
+    second = edge_cli("run", "--config", str(other))
+    assert second.returncode == 2, second.stderr
+    (line,) = second.stderr.strip().splitlines()
+    assert str(tmp_path / "state") in line and f"pid {os.getpid()}" in line and "already in use" in line
+    # Reading tools keep working beside the daemon; check says the ports are the daemon's, not problems.
+    assert edge_cli("status", "--config", str(config)).returncode == 0
+    doctor = edge_cli("doctor", "--quick", "--config", str(config), timeout=120)
+    assert doctor.returncode == 0 and f"pid {os.getpid()}" in doctor.stdout, doctor.stdout
+    check = edge_cli("check", "--config", str(config))
+    assert check.returncode == 0, check.stdout
+    assert f"127.0.0.1:{port} is held by the running daemon (pid {os.getpid()})" in check.stdout
+
+
+def test_a_taken_metrics_port_is_named(tmp_path, running):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(EdgeError, match=rf"service.metrics_port.*127\.0\.0\.1:{port}.*already in use"):
+            running(write_config(tmp_path, PHANTOM, metrics_port=port))
+
+
+@needs_shared
+def test_studies_in_inbox_subfolders_are_processed_with_one_info_line_each(tmp_path, running, caplog):
+    import logging
+
+    caplog.set_level(logging.INFO, logger="edge_runtime")
+    inbox = tmp_path / "inbox"
+    (inbox / "2026-12-01" / "room-2").mkdir(parents=True)
+    shutil.copy(CR_CHEST, inbox / "2026-12-01" / "room-2" / "chest.dcm")
+    service = running(write_config(tmp_path, folder_source(inbox)))
+    wait_until(lambda: (tmp_path / "inbox-done" / "chest.dcm").exists(), 60, what="the nested chest.dcm in done/")
+    assert service.stop() == 0
+    (row,) = outbox_rows(tmp_path / "state")
+    lines = [r for r in caplog.records if "chest.dcm ->" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "INFO"
+    text = lines[0].getMessage()
+    assert text.startswith("xray: chest.dcm -> cxr-pneumonia: ") and row["result"]["label"] in text
+    assert row["priority"] in text and text.endswith(" ms")
+    assert any(r.getMessage().startswith("stopped in") for r in caplog.records)
+
+
+@needs_absent_video
+def test_run_logs_only_json_lifecycle_at_info_and_status_watch_redraws(tmp_path):
+    port = free_port()
+    config = write_config(tmp_path, PHANTOM + "\n" + DEAD_VIDEO.replace('"probe"', '"grabber"'), metrics_port=port)
+    config.write_text(config.read_text().replace("stop_timeout_s = 10\n", 'stop_timeout_s = 10\nlog_format = "json"\n'))
+    proc = subprocess.Popen([sys.executable, "-m", "edge_runtime", "run", "--config", str(config)], cwd=REPO,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watch_out = tmp_path / "watch.txt"
+    try:
+        url = f"http://127.0.0.1:{port}/metrics"
+
+        def ready() -> bool:
+            try:
+                return status_report(url)["ready"] and bool(status_report(url)["models"])
+            except OSError:
+                return False
+
+        wait_until(ready, 90, what="the daemon to be ready with a finding")
+        with open(watch_out, "w") as out:
+            watch = subprocess.Popen([sys.executable, "-m", "edge_runtime", "status", "--watch", "--interval", "0.2",
+                                      "--config", str(config)], cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True)
+            wait_until(lambda: watch_out.read_text().count("edge-runtime ready") >= 2, 30, what="two redraws")
+            watch.send_signal(signal.SIGINT)
+            assert watch.wait(30) == 0 and "Traceback" not in watch.stderr.read()
+        shown = watch_out.read_text()
+        # The operating point as the demo shows it (which one depends on how busy this machine is).
+        assert re.search(r"fetal-head .* (fp32|int8\S*) @ (every frame|[\d.]+/s) ", shown), shown
+        assert "exact, over each model's recent findings" in shown
+        model = status_report(url)["models"]["fetal-head"]
+        assert model["percentiles"] == "exact, recent findings"
+        assert model["p50_ms"] <= model["p99_ms"] <= model["max_ms"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    entries = [json.loads(line) for line in err.splitlines()]  # every line is JSON: OpenCV's own lines silenced
+    messages = [(e["level"], e["msg"]) for e in entries]
+    assert any(level == "info" and m.startswith("starting edge-runtime") for level, m in messages), messages
+    assert any(level == "warning" and m.startswith("ready in") and "grabber down" in m for level, m in messages)
+    assert ("info", "stopping (SIGTERM)") in messages
+    assert any(level == "info" and m.startswith("stopped in") for level, m in messages)

@@ -96,3 +96,27 @@ def test_phantom_source_drops_when_consumer_is_slow():
             time.sleep(0.1)  # a model at 10 fps behind a 60 fps feed
     src.stop()
     assert src.frames_in >= 40 and slot.dropped >= src.frames_in - got - 1 and got <= 12
+
+
+def test_a_source_that_cannot_open_is_down_with_reason_and_retry_then_up(tmp_path):
+    class Flaky(PhantomSource):
+        fail = True
+
+        def open(self) -> None:
+            if self.fail:
+                raise OSError("grabber unplugged")
+
+    src = Flaky("probe", LatestSlot(), fps=50)
+    assert src.state.state == "starting"
+    src.start()
+    try:
+        assert src.first_attempt.wait(10)
+        down = src.state
+        assert down.state == "down" and down.reason == "open failed: grabber unplugged" and down.next_retry
+        assert run_until(lambda: src.errors >= 3, 10)
+        assert src.state.since == down.since  # retries are the same outage: its clock keeps running
+        src.fail = False
+        assert run_until(lambda: src.state.state == "up" and src.frames_in > 0, 15)
+    finally:
+        src.stop()
+    assert src.state.state == "stopped"

@@ -162,3 +162,42 @@ def test_a_file_that_crashes_the_daemon_ends_the_crash_loop(tmp_path):
     assert "stopped while processing" in (src.quarantine_dir / "crasher.dcm.reason.txt").read_text()
     item.done()
     assert restart().next_item() is None
+
+
+def test_scp_state_follows_the_listener_and_a_taken_port_is_named(scp, tmp_path):
+    from edge_runtime.errors import ConfigError
+
+    assert scp.state.state == "up"
+    second = DicomScp("pacs", tmp_path / "inbox2", host="127.0.0.1", port=scp.port)
+    taken = rf"source pacs: cannot listen on DICOM port 127\.0\.0\.1:{scp.port}: already in use"
+    with pytest.raises(ConfigError, match=taken):
+        second.start()
+    assert second.state.state == "starting"
+    scp.stop()
+    assert scp.state.state == "stopped"
+
+
+def test_files_in_inbox_subfolders_are_found_and_hidden_folders_skipped(tmp_path):
+    inbox = tmp_path / "inbox"
+    (inbox / "2026-12-01" / "room-2").mkdir(parents=True)
+    (inbox / ".staging").mkdir()
+    (inbox / "2026-12-01" / "room-2" / "a.dcm").write_bytes(b"a")
+    (inbox / ".staging" / "b.dcm").write_bytes(b"b")
+    (inbox / "c.dcm").write_bytes(b"c")
+    old = time.time() - 60
+    for p in (inbox / "2026-12-01" / "room-2" / "a.dcm", inbox / ".staging" / "b.dcm", inbox / "c.dcm"):
+        os.utime(p, (old, old))
+    src = DicomFolderSource("xray", inbox, tmp_path / "done", tmp_path / "quarantine")
+    assert [p.name for p in src.pending()] == ["a.dcm", "c.dcm"]
+    item = src.next_item()
+    assert item.path == inbox / "2026-12-01" / "room-2" / "a.dcm"
+    item.quarantine("test")  # the ledger is keyed by the path below the inbox, and cleared again
+    assert (tmp_path / "quarantine" / "a.dcm").exists() and src._attempts == {}
+
+
+def test_folder_state_names_a_missing_inbox(tmp_path):
+    src = DicomFolderSource("xray", tmp_path / "inbox", tmp_path / "done", tmp_path / "quarantine")
+    assert src.check_state().state == "up"
+    (tmp_path / "inbox").rmdir()  # an unmounted or deleted inbox
+    state = src.check_state()
+    assert state.state == "down" and state.reason == f"{tmp_path / 'inbox'} does not exist"

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from edge_runtime.sources.base import SourceState
+
 IGNORED_SUFFIXES = (".part", ".tmp", ".reason.txt")
 
 
@@ -35,6 +37,18 @@ def _free_name(folder: Path, name: str) -> Path:
         target = folder / f"{Path(name).stem}.{n}{Path(name).suffix}"
         n += 1
     return target
+
+
+def folder_problem(folder: Path, mode: int) -> str:
+    """'' when `folder` is a directory this process can use with `mode` (os.R_OK | os.W_OK | os.X_OK bits),
+    otherwise what is wrong with it, naming the folder."""
+    if not folder.exists():
+        return f"{folder} does not exist"
+    if not folder.is_dir():
+        return f"{folder} is not a directory"
+    missing = [word for bit, word in ((os.R_OK, "read"), (os.W_OK, "write"), (os.X_OK, "search")) if mode & bit
+               and not os.access(folder, bit)]
+    return f"{folder}: no {'/'.join(missing)} permission for uid {os.getuid()}" if missing else ""
 
 
 @dataclass
@@ -81,25 +95,40 @@ class DicomFolderSource:
         self.items_in = 0
         self.done_count = 0
         self.quarantined = 0
+        self._state = SourceState("starting", since=time.time())
+
+    def check_state(self) -> SourceState:
+        """up while the inbox can be listed and files moved out of it; down with the folder and the missing
+        permission otherwise (a remounted or re-owned inbox must be visible, not a silently idle worker)."""
+        problem = folder_problem(self.inbox, os.R_OK | os.W_OK | os.X_OK)
+        for folder in (self.done_dir, self.quarantine_dir):
+            problem = problem or folder_problem(folder, os.W_OK | os.X_OK)
+        self._state = self._state.with_state("down", problem) if problem else self._state.with_state("up")
+        return self._state
 
     def pending(self) -> list[Path]:
-        """Inbox files ready to process, oldest first."""
+        """Inbox files ready to process, oldest first, subfolders included: a detector or a PACS export that
+        writes <inbox>/<date>/<study>/... is what users do, and a file nobody looks at is a lost study.
+        Hidden folders (a copy tool's staging area) are skipped like hidden files."""
         now = time.time()
         ready = []
-        try:
-            entries = list(os.scandir(self.inbox))
-        except FileNotFoundError:
-            return []
-        for entry in entries:
-            if not entry.is_file() or entry.name.startswith(".") or entry.name.endswith(IGNORED_SUFFIXES):
-                continue
-            try:
-                mtime = entry.stat().st_mtime
-            except FileNotFoundError:
-                continue
-            if now - mtime >= self.settle_s:
-                ready.append((mtime, entry.name, Path(entry.path)))
+        for folder, dirs, files in os.walk(self.inbox):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
+            for name in files:
+                if name.startswith(".") or name.endswith(IGNORED_SUFFIXES):
+                    continue
+                path = Path(folder, name)
+                try:
+                    mtime = path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if now - mtime >= self.settle_s:
+                    ready.append((mtime, name, path))
         return [p for _, _, p in sorted(ready)]
+
+    def _key(self, path: Path) -> str:
+        """The ledger's name for a file: its path below the inbox (just the name for a top-level file)."""
+        return str(path.relative_to(self.inbox))
 
     def next_item(self) -> StudyItem | None:
         """The oldest ready file not already being processed, or None. A file that has used up its attempts
@@ -109,14 +138,14 @@ class DicomFolderSource:
             for path in self.pending():
                 if path in self._in_flight or self._retry_after.get(path, 0) > now:
                     continue
-                tries, last_error = self._attempts.get(path.name, [0, ""])
+                tries, last_error = self._attempts.get(self._key(path), [0, ""])
                 item = StudyItem(path, self)
                 self._in_flight.add(path)
                 if tries >= self.max_attempts:
                     self._finish_locked(item, self.quarantine_dir, f"gave up after {tries} attempts; last: "
                                         f"{last_error or 'the daemon stopped while processing it (a crash?)'}")
                     continue
-                self._attempts[path.name] = [tries + 1, last_error]
+                self._attempts[self._key(path)] = [tries + 1, last_error]
                 self._save_ledger()  # before the try: a crash on this file still counts
                 self.items_in += 1
                 return item
@@ -143,7 +172,7 @@ class DicomFolderSource:
         _fsync_dir(self.inbox)
         self._in_flight.discard(item.path)
         self._retry_after.pop(item.path, None)
-        if self._attempts.pop(item.path.name, None) is not None:
+        if self._attempts.pop(self._key(item.path), None) is not None:
             self._save_ledger()
         return target
 
@@ -151,7 +180,7 @@ class DicomFolderSource:
         with self._lock:
             self._in_flight.discard(item.path)
             self._retry_after[item.path] = time.monotonic() + self.retry_s
-            entry = self._attempts.get(item.path.name)
+            entry = self._attempts.get(self._key(item.path))
             if entry is not None:
                 if error is None:
                     entry[0] = max(0, entry[0] - 1)  # not this file's fault: the try does not count

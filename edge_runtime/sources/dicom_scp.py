@@ -7,12 +7,17 @@ list are rejected at association, a full disk answers 0xA700 (out of resources) 
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import UID
+
+from edge_runtime.errors import ConfigError
+from edge_runtime.sources.base import SourceState
 
 log = logging.getLogger("edge_runtime.sources")
 
@@ -41,6 +46,7 @@ class DicomScp:
         self.rejected = 0
         self._server = None
         self._lock = threading.Lock()
+        self.state = SourceState("starting", since=time.time())
 
     def start(self) -> None:
         from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
@@ -51,14 +57,23 @@ class DicomScp:
         ae.require_called_aet = True
         if self.allowed_callers:
             ae.require_calling_aet = self.allowed_callers
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        try:
+            self._server = ae.start_server((self.host, self.port), block=False,
+                                           evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
+        except OSError as exc:
+            # Name the port: "Address already in use" alone does not say which of the daemon's ports it is.
+            why = "already in use (another SCP or a second daemon?)" if exc.errno == errno.EADDRINUSE else exc.strerror
+            raise ConfigError(f"source {self.name}", f"cannot listen on DICOM port {self.host}:{self.port}: {why}; "
+                                                     "free it or set another sources[].port") from None
         self.port = self._server.server_address[1]  # when configured with port 0 (tests)
+        self.state = self.state.with_state("up")
         log.info("dicom-scp %s: listening on %s:%d as %s", self.name, self.host, self.port, self.ae_title)
 
     def stop(self) -> None:
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self.state = self.state.with_state("stopped")
 
     def _on_store(self, event) -> int:
         sop_class = str(event.request.AffectedSOPClassUID)
