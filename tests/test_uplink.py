@@ -47,6 +47,7 @@ class Rig:
         return p
 
     def outbox(self, name: str = "outbox.sqlite", **kw) -> Outbox:
+        kw.setdefault("keep_until_stored", True)  # as the daemon runs it (mqtt.require_receipts = true)
         box = Outbox(self.tmp / name, **kw)
         self._things.append(("outbox", box))
         return box
@@ -218,7 +219,7 @@ def test_daemon_sigkilled_mid_stream_and_restarted(rig):
     with Outbox(outbox_path) as box:
         produced = box.finding_ids()
         assert len(produced) == n, "each item is committed exactly once across the crash (source_item)"
-        assert set(produced.values()) == {"delivered"}
+        assert set(produced.values()) == {"stored"}, "every finding confirmed by a hub receipt"
         priorities = {fid: box.payload(seq)["priority"] for fid, seq in _seqs(box).items()}
     wait_until(lambda: len(collected(db)) >= n, 30, what="all findings collected")
     assert_delivered(priorities, collected(db))
@@ -230,25 +231,27 @@ def _seqs(box: Outbox) -> dict[str, int]:
 
 
 @needs_mosquitto
-@pytest.mark.parametrize("persistence", [True, False], ids=["persistent-broker", "volatile-broker"])
-def test_broker_restarted_mid_stream(rig, persistence, monkeypatch):
+@pytest.mark.parametrize("persistence, receipts", [(True, True), (False, False), (False, True)],
+                         ids=["persistent-broker", "volatile-broker-no-receipts", "volatile-broker-receipts"])
+def test_broker_restarted_mid_stream(rig, persistence, receipts, monkeypatch):
     """The hub is slower than the stream, so at the restart the broker holds findings it has acknowledged (PUBACK)
-    but not yet handed to the collector. A persistent broker keeps them; a volatile one loses them, and the device,
-    told by CONNACK that its session is gone, sends the recent ones again. Either way nothing is lost."""
+    but not yet handed to the collector. A persistent broker keeps them; a volatile one loses them. Without receipts
+    the device, told by CONNACK that its session is gone, sends the recent ones again; with receipts it re-sends
+    every finding the hub has not confirmed, at the new connection. Either way nothing is lost."""
     from edge_runtime.collector import CollectorStore
 
     store = CollectorStore.store
 
-    def slow_store(self, messages):
+    def slow_store(self, messages, accepted=None):
         time.sleep(0.2)  # a hub on a slow SD card: about 100 findings/s against a stream of 300/s
-        return store(self, messages)
+        return store(self, messages, accepted)
 
     monkeypatch.setattr(CollectorStore, "store", slow_store)
     broker = rig.broker(persistence=persistence)
     db = rig.tmp / "collector.sqlite"
     col = rig.collector(broker.url, db)
-    box = rig.outbox()
-    up = rig.uplink(box, broker.url, rate_limit=300.0)
+    box = rig.outbox(keep_until_stored=receipts)
+    up = rig.uplink(box, broker.url, rate_limit=300.0, require_receipts=receipts)
     feeder = Feeder(box, 300, pace_s=0.002)
     feeder.start()
     wait_until(lambda: col.counters["stored"] >= 20 and up.counters["acked"] - col.counters["stored"] >= 60, 30,
@@ -260,9 +263,13 @@ def test_broker_restarted_mid_stream(rig, persistence, monkeypatch):
     assert up.stats()["reconnects"] >= 1 and col.counters["connects"] >= 2
     if persistence:
         assert up.counters["new_sessions"] == 1 and up.counters["requeued"] == 0, up.stats()
-    else:
+    elif not receipts:
         assert up.counters["new_sessions"] >= 2 and up.counters["requeued"] >= 60, up.stats()
         assert box.stats()["requeued"] == up.counters["requeued"]
+    else:
+        assert up.counters["new_sessions"] >= 2 and up.counters["requeued"] == 0, up.stats()
+        assert up.counters["receipt_resent"] >= 60 and box.stats()["receipt_requeued"] == up.counters["receipt_resent"]
+        wait_until(lambda: box.stats()["sent_unstored"] == 0, 30, what="every finding confirmed by a receipt")
 
 
 @needs_mosquitto
@@ -272,8 +279,8 @@ def test_no_re_send_when_no_session_is_kept(rig, caplog):
     broker = rig.broker(persistence=False)
     db = rig.tmp / "collector.sqlite"
     col = rig.collector(broker.url, db)
-    box = rig.outbox()
-    up = rig.uplink(box, broker.url, session_expiry_s=0)
+    box = rig.outbox(keep_until_stored=False)  # the re-send on a lost session is the path without receipts
+    up = rig.uplink(box, broker.url, session_expiry_s=0, require_receipts=False)
     produced = produce(box, 20)
     wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
     broker.restart()
@@ -297,7 +304,7 @@ def test_store_full_while_offline(rig, policy):
         box = rig.outbox(max_rows=100)
         up = rig.uplink(box, proxy.url)
         produced = produce_batch(box, 60, priority="routine")
-        wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
+        wait_until(lambda: box.depth() == 0 and box.stats()["stored"] == 60, 20, what="first findings stored")
         proxy.refuse()
         proxy.cut()
         wait_until(lambda: not up.connected, 10, what="link down")
