@@ -219,6 +219,7 @@ def status_report(url: str) -> dict:
         "link_up": bool(s.get("edge_link_up", [({}, 0)])[0][1]),
         "outbox_pending": by("edge_outbox_pending", "priority"),
         "outbox": {k: s[f"edge_outbox_{k}_total"][0][1] for k in OUTBOX_COUNTERS if f"edge_outbox_{k}_total" in s},
+        "outbox_sent_unstored": s.get("edge_outbox_sent_unstored", [({}, 0)])[0][1],
         "uplink": {k: s[f"edge_uplink_{k}_total"][0][1] for k in UPLINK_COUNTERS if f"edge_uplink_{k}_total" in s},
         "sources": {n: {"frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0), "errors": errors.get(n, 0.0),
                         "quarantined": quarantined.get(n, 0.0)} for n in sources},
@@ -240,7 +241,8 @@ def cmd_status(args: argparse.Namespace, config: Config) -> int:
     link = ("up" if report["link_up"] else "down") if report["uplink"] else "none (no [mqtt] broker configured)"
     print(f"edge-runtime {'ready' if report['ready'] else 'starting'}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
           f"link {link}, outbox pending: {pending}, "
-          f"delivered {int(report['outbox'].get('delivered', 0))}")
+          f"delivered {int(report['outbox'].get('delivered', 0))}, "
+          f"sent-not-stored {int(report.get('outbox_sent_unstored', 0))}")
     if report["uplink"]:
         u = report["uplink"]
         print(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "
