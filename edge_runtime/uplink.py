@@ -402,6 +402,8 @@ class Uplink:
         self._subacked = False
         self._malformed_logged = False
         client = self._make_client()
+        # One budget for the whole attempt (TCP, TLS, CONNACK): a stalled link costs connect_timeout_s, not twice it.
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
         try:
             try:
                 if self.v5:
@@ -417,7 +419,6 @@ class Uplink:
                 self._failed(f"connect to {self.target.host}:{self.target.port} failed: {exc}")
                 return False
             self._tune_socket(client)
-            deadline = time.monotonic() + self.cfg.connect_timeout_s
             while self._connack is None:
                 self.beat = time.monotonic()
                 rc = client.loop(0.05)

@@ -565,6 +565,26 @@ def test_a_half_open_link_is_noticed_from_unanswered_publishes(rig):
 
 
 @needs_mosquitto
+def test_a_connect_into_a_stalled_link_gives_up_after_its_timeout(rig):
+    """TCP connects (the proxy accepts) but nothing comes back: the attempt ends at connect_timeout_s and the next
+    one follows within the owed backoff cap, so the link is used soon after it heals."""
+    broker = rig.broker()
+    db = rig.tmp / "collector.sqlite"
+    rig.collector(broker.url, db)
+    proxy = rig.proxy(broker.port)
+    proxy.blackhole()
+    box = rig.outbox()
+    produced = produce_batch(box, 10)
+    up = rig.uplink(box, proxy.url, connect_timeout_s=2.0, reconnect_min_s=0.5, reconnect_max_s=60.0)
+    t0 = time.monotonic()
+    wait_until(lambda: up.counters["connect_failures"] >= 2, 20, what="two stalled attempts")
+    assert "no CONNACK" in up.last_error and time.monotonic() - t0 < 20
+    proxy.allow()
+    wait_until(lambda: box.depth() == 0 and box.sent_unstored() == 0, 30, what="delivery once the link heals")
+    assert_delivered(produced, collected(db))
+
+
+@needs_mosquitto
 @pytest.mark.parametrize("drain_s", [3.0, 0.0], ids=["drain", "no-drain-control"])
 def test_a_clean_stop_publishes_what_is_pending(rig, drain_s):
     """Findings committed just before SIGTERM: the uplink keeps publishing them for up to drain_on_stop_s while the
