@@ -451,7 +451,8 @@ class Outbox:
                                 "WHERE state = 2 ORDER BY seq LIMIT ?", (n,)).fetchall()
             if not self.keep_until_stored and len(rows) < n:
                 rows += conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY "
-                                     "findings_delivered WHERE state = 1 ORDER BY seq LIMIT ?", (n - len(rows),)).fetchall()
+                                     "findings_delivered WHERE state = 1 ORDER BY seq LIMIT ?",
+                                     (n - len(rows),)).fetchall()
             self._remove(rows, meta, self.clock(), "space")
             self._save_meta(meta, before)
             conn.execute("COMMIT")

@@ -208,7 +208,8 @@ class Uplink:
             if getattr(mqtt, key) <= 0:
                 raise ConfigError(where, f"key 'mqtt.{key}' must be > 0; got {getattr(mqtt, key)}")
         if mqtt.drain_on_stop_s < 0:
-            raise ConfigError(where, f"key 'mqtt.drain_on_stop_s' must be >= 0 (0 = no drain); got {mqtt.drain_on_stop_s}")
+            raise ConfigError(where, "key 'mqtt.drain_on_stop_s' must be >= 0 (0 = no drain); "
+                                     f"got {mqtt.drain_on_stop_s}")
         base = topic_base(mqtt.topic_prefix, identity, where)
         self.topic_findings = f"{base}/findings"
         self.topic_status = f"{base}/status"
@@ -505,7 +506,8 @@ class Uplink:
                 self._requeue_recent()
             if self.cfg.require_receipts:
                 self._receipt_upkeep(now)
-            if (self._inflight and now - self._ack_wait_since > self.cfg.ack_timeout_s) or self._ping_unanswered(client, now):
+            acks_overdue = bool(self._inflight) and now - self._ack_wait_since > self.cfg.ack_timeout_s
+            if acks_overdue or self._ping_unanswered(client, now):
                 self.counters["half_open"] += 1
                 self._lost(f"no answer from the broker for {self.cfg.ack_timeout_s:.0f} s (half-open link)")
                 return
