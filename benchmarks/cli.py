@@ -360,7 +360,7 @@ def run_uplink(s: Settings, run: Run) -> None:
     if find_mosquitto() is None:
         run.skipped.append({"kind": "uplink", "reason": "mosquitto binary not found (apt install mosquitto)"})
         return
-    args = ["--findings", str(s.backlog)] + (["--live-s", "2"] if s.quick else [])
+    args = ["--findings", str(s.backlog)] + (["--live-s", "2", "--quick"] if s.quick else [])
     rs = [res for r in range(min(s.repeats, 2))
           if (res := run.child("uplink", args, 900, f"{s.backlog:,} findings ({r + 1})"))]
     if not rs:
@@ -381,6 +381,9 @@ def run_uplink(s: Settings, run: Run) -> None:
         "lost": summarize([x["expected_at_consumer"] - x["consumer"].get("unique", 0) for x in rs]),
         "require_subscriber": mid["require_subscriber"], "broker": mid["broker"],
         "drain_curve": mid["drain_curve"], "drain_curve_columns": mid["drain_curve_columns"],
+        # end to end (issue 21): receipts-on drain, link windows after a long outage, a simulated fleet
+        "receipts_findings_per_s": summarize([(x.get("receipts") or {}).get("findings_per_s") for x in rs]),
+        "link_windows": mid.get("link_windows"), "fleet": mid.get("fleet"),
     }
 
 

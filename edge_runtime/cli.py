@@ -275,6 +275,7 @@ def status_report(url: str) -> dict:
         "link_up": bool(s.get("edge_link_up", [({}, 0)])[0][1]),
         "outbox_pending": by("edge_outbox_pending", "priority"),
         "outbox": {k: s[f"edge_outbox_{k}_total"][0][1] for k in OUTBOX_COUNTERS if f"edge_outbox_{k}_total" in s},
+        "outbox_sent_unstored": s.get("edge_outbox_sent_unstored", [({}, 0)])[0][1],
         "uplink": {k: s[f"edge_uplink_{k}_total"][0][1] for k in UPLINK_COUNTERS if f"edge_uplink_{k}_total" in s},
         "sources": {n: {"kind": states.get(n, {}).get("kind", ""), "state": states.get(n, {}).get("state", "unknown"),
                         "reason": states.get(n, {}).get("reason", ""),
@@ -302,7 +303,8 @@ def render_status(report: dict) -> list[str]:
     not_up = [n for n, d in report["sources"].items() if d["state"] not in ("up", "unknown")]
     state = ("ready" + (f" (not up: {', '.join(not_up)})" if not_up else "")) if report["ready"] else "starting"
     lines = [f"edge-runtime {state}, up {up // 3600}h{up % 3600 // 60:02d}m{up % 60:02d}s, "
-             f"link {link}, outbox pending: {pending}, delivered {int(report['outbox'].get('delivered', 0))}"]
+             f"link {link}, outbox pending: {pending}, delivered {int(report['outbox'].get('delivered', 0))}, "
+             f"sent-not-stored {int(report.get('outbox_sent_unstored', 0))}"]
     if report["uplink"]:
         u = report["uplink"]
         lines.append(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "

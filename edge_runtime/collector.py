@@ -5,6 +5,13 @@ and stores each finding in SQLite keyed by finding_id: a duplicate (the same fin
 PUBACK) is counted, never stored twice. PUBACKs are sent manually, only after the findings they acknowledge are
 committed (synchronous=FULL), in batches: a crash of the collector means a redelivery, not a loss.
 
+After each batch is committed it publishes a **receipt** to every device in the batch,
+`edge/v1/<site>/<device_id>/receipts` (QoS 1): `{"device_id", "site", "finding_ids": [...]}`, naming the findings
+it stored and the duplicates it already had (a re-send means the device is still waiting). The device marks those
+rows stored and only then prunes them. The site and device come from the topic a finding arrived on (the one the
+broker's ACL ties to the device), not from its payload. A receipt that is lost (the collector's link drops first)
+costs a re-send and a duplicate, never a row.
+
 Several collectors share the load with an MQTT shared subscription ("$share/collectors/edge/v1/+/+/findings"):
 the broker hands each finding to one member of the group. See docs/mqtt.md.
 """
@@ -29,6 +36,14 @@ from edge_runtime.uplink import backoff_delay, check_transport, parse_broker_url
 log = logging.getLogger("edge_runtime.collector")
 
 DEFAULT_TOPIC = "edge/v1/+/+/findings"
+
+
+def receipt_topic(findings_topic: str) -> str | None:
+    """edge/v1/<site>/<device>/findings -> edge/v1/<site>/<device>/receipts; None for any other shape."""
+    parts = findings_topic.split("/")
+    if len(parts) < 3 or parts[-1] != "findings" or not parts[-2] or not parts[-3]:
+        return None
+    return "/".join(parts[:-1] + ["receipts"])
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS findings (
@@ -67,8 +82,11 @@ class CollectorStore:
         except sqlite3.Error as exc:
             raise EdgeError(str(self.path), f"cannot open the collector database ({exc})") from None
 
-    def store(self, messages: list[tuple[str, bytes]]) -> tuple[int, int, int]:
-        """(topic, payload) pairs -> (stored, duplicates, rejected). One transaction."""
+    def store(self, messages: list[tuple[str, bytes]],
+              accepted: list[tuple[str, str]] | None = None) -> tuple[int, int, int]:
+        """(topic, payload) pairs -> (stored, duplicates, rejected). One transaction. `accepted`, when given, gets
+        (topic, finding_id) of every finding now in the database (stored or duplicate), once it is committed."""
+        done: list[tuple[str, str]] = []
         stored = dups = rejected = 0
         now = time.time()
         with self._lock:
@@ -97,6 +115,7 @@ class CollectorStore:
                     else:
                         c.execute("UPDATE findings SET dups = dups + 1 WHERE finding_id = ?", (finding_id,))
                         dups += 1
+                    done.append((topic, finding_id))
                 for key, n in (("stored", stored), ("duplicates", dups), ("rejected", rejected)):
                     if n:
                         c.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = value + ?",
@@ -105,6 +124,8 @@ class CollectorStore:
             except BaseException:
                 c.execute("ROLLBACK")
                 raise
+        if accepted is not None:
+            accepted.extend(done)
         return stored, dups, rejected
 
     def counts(self) -> dict[str, int]:
@@ -140,6 +161,7 @@ class Collector:
         reconnect_max_s: float = 30.0,
         keepalive_s: int = 30,
         batch_max: int = 500,
+        receipts: bool = True,
     ) -> None:
         where = "collect"
         self.target = parse_broker_url(broker_url, where, key="--broker")
@@ -160,9 +182,11 @@ class Collector:
         self.reconnect = (reconnect_min_s, reconnect_max_s)
         self.keepalive_s = keepalive_s
         self.batch_max = batch_max
+        self.receipts = receipts
         self.store = CollectorStore(db_path)
         self.subscribed = threading.Event()
-        self.counters = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "connects": 0}
+        self.counters = {"received": 0, "stored": 0, "duplicates": 0, "rejected": 0, "connects": 0,
+                         "receipts_sent": 0, "receipted": 0}
         self.last_error = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -290,13 +314,30 @@ class Collector:
         if not self._batch:
             return
         batch, self._batch = self._batch, []
-        stored, dups, rejected = self.store.store([(m.topic, m.payload) for m in batch])
+        accepted: list[tuple[str, str]] = []
+        stored, dups, rejected = self.store.store([(m.topic, m.payload) for m in batch], accepted)
         self.counters["stored"] += stored
         self.counters["duplicates"] += dups
         self.counters["rejected"] += rejected
         if client is not None:
+            if self.receipts:
+                self._send_receipts(client, accepted)
             for m in batch:
                 client.ack(m.mid, m.qos)
+
+    def _send_receipts(self, client, accepted: list[tuple[str, str]]) -> None:
+        """One QoS 1 receipt per device in the batch, after its commit (what it names is in the database)."""
+        by_topic: dict[str, list[str]] = {}
+        for topic, finding_id in accepted:
+            target = receipt_topic(topic)
+            if target is not None:
+                by_topic.setdefault(target, []).append(finding_id)
+        for target, ids in by_topic.items():
+            parts = target.split("/")
+            body = {"device_id": parts[-2], "site": parts[-3], "finding_ids": ids}
+            client.publish(target, json.dumps(body, separators=(",", ":")), qos=1)
+            self.counters["receipts_sent"] += 1
+            self.counters["receipted"] += len(ids)
 
     def _note(self, why: str) -> None:
         if why != self.last_error:
@@ -335,6 +376,8 @@ def add_parser(sub) -> None:
     p.add_argument("--username", default="")
     p.add_argument("--password-file", default="", help="file holding the password (not on the command line)")
     p.add_argument("--allow-insecure", action="store_true", help="allow plaintext mqtt:// to a non-loopback broker")
+    p.add_argument("--no-receipts", action="store_true", help="do not publish receipts to the devices (then set "
+                                                              "mqtt.require_receipts = false on them)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (tests)")
     p.set_defaults(func=cmd_collect)
 
@@ -349,7 +392,7 @@ def cmd_collect(args: argparse.Namespace, config=None) -> int:
     collector = Collector(args.broker, args.db, topic=args.topic, client_id=args.client_id, protocol=args.protocol,
                           session_expiry_s=args.session_expiry, ca_file=args.ca_file, cert_file=args.cert_file,
                           key_file=args.key_file, username=args.username, password=password,
-                          allow_insecure=args.allow_insecure)
+                          allow_insecure=args.allow_insecure, receipts=not args.no_receipts)
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous[sig] = signal.signal(sig, lambda *_: collector._stop.set())

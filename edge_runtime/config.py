@@ -105,6 +105,14 @@ class MqttSection:
     # The broker had no session for us: re-send what was delivered this long before the last delivery (0 = off).
     resend_on_session_loss_s: float = 600.0
     telemetry_interval_s: float = 60.0  # 0 = no telemetry messages
+    # End-to-end delivery (docs/mqtt.md): a row is done only once a collector's receipt says the hub stored it.
+    # True is the safe default and the shipped collector sends receipts; a hub that sends none needs false, or
+    # sent rows are never pruned (only evicted by the caps, routine ones) and are re-sent now and then.
+    require_receipts: bool = True
+    receipt_timeout_s: float = 120.0  # sent without a receipt this long: published again (same finding_id)
+    reconnect_pending_max_s: float = 3.0  # backoff cap while findings are owed (pending or without a receipt)
+    ack_timeout_s: float = 10.0  # no PUBACK for this long with publishes outstanding: the link is dead (half-open)
+    drain_on_stop_s: float = 3.0  # clean stop: keep publishing what is pending this long while the link is up
 
 
 SOURCE_KINDS = ("phantom", "video", "cine", "dicom-folder", "dicom-scp")

@@ -10,11 +10,21 @@ Concurrent `commit` calls from several worker threads share one transaction and 
 whoever takes the write lock commits everything queued so far), so commit latency stays about one fsync
 while throughput grows with the number of writers.
 
-Caps (rows, payload bytes, age) are enforced inside the committing transaction: delivered rows go first,
-then routine pending rows oldest first (evicted, counted, and listed in `evicted`), urgent pending rows never;
-if only urgent rows remain over a cap they are kept and an alarm is counted. A full disk or database
-(SQLITE_FULL) first prunes delivered rows and retries once, then raises `OutboxFull`: an alarm for the
-caller (study files stay in their inbox and are retried), never a crash and never a half-stored finding.
+A row has three delivery states: **pending** (not yet acknowledged by the broker), **sent** (PUBACK: the broker
+has it) and **stored** (a receipt from a collector: the hub has committed it). With `keep_until_stored` (the
+daemon sets it from `mqtt.require_receipts`) only stored rows count as done: a broker that crashes and loses what
+it acknowledged cannot lose a finding, because the sent rows stay and are re-sent until a receipt comes. Without
+it, a PUBACK is the end of the road, as before receipts existed. A receipt never touches a row that was never sent.
+
+Caps (rows, payload bytes, age) are enforced inside the committing transaction: done rows go first (stored, and
+sent too without `keep_until_stored`), then routine rows not yet done, oldest first, sent ones before pending ones
+(evicted, counted, and listed in `evicted`), urgent rows never; if only urgent rows remain over a cap they are kept
+and an alarm is counted. A full disk or database (SQLITE_FULL) first prunes done rows and retries once, then
+raises `OutboxFull`: an alarm for the caller (study files stay in their inbox and are retried), never a crash and
+never a half-stored finding.
+
+Schema version 2 added the stored state; a version 1 file is migrated in place, in one transaction, on open: its
+delivered rows become sent (a PUBACK was all they ever had).
 """
 from __future__ import annotations
 
@@ -35,8 +45,11 @@ log = logging.getLogger("edge_runtime.outbox")
 
 RANK = {"urgent": 0, "routine": 1}
 PRIORITY_OF_RANK = {v: k for k, v in RANK.items()}
-PENDING, DELIVERED = 0, 1
-SCHEMA_VERSION = 1
+PENDING, SENT, STORED = 0, 1, 2
+DELIVERED = SENT  # the name before receipts existed: a PUBACK
+STATE_NAMES = {PENDING: "pending", SENT: "sent", STORED: "stored"}
+SCHEMA_VERSION = 2
+RESEND_BACKOFF_MAX = 5  # a row still without a receipt waits receipt_timeout * 2**resends, resends capped here
 EVICTED_LOG_ROWS = 100_000  # how many evicted findings are remembered by id (for audit and tests)
 AGE_CHECK_INTERVAL_S = 60.0
 _CHUNK = 500  # parameters per IN (...) list
@@ -51,13 +64,16 @@ CREATE TABLE IF NOT EXISTS findings (
     payload      TEXT NOT NULL,                -- the Finding JSON exactly as published
     bytes        INTEGER NOT NULL,
     source_item  TEXT UNIQUE,                  -- study sources: what was processed (NULL for live frames)
-    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 1 delivered (PUBACK received)
+    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 1 sent (PUBACK received), 2 stored (hub receipt)
     attempts     INTEGER NOT NULL DEFAULT 0,   -- publishes that ended without a PUBACK
-    delivered_at REAL
+    delivered_at REAL,                         -- the last PUBACK (kept when re-sent for want of a receipt)
+    stored_at    REAL,                         -- schema 2: the receipt
+    resends      INTEGER NOT NULL DEFAULT 0    -- schema 2: re-sends for want of a receipt
 );
 CREATE INDEX IF NOT EXISTS findings_pending ON findings(rank, seq) WHERE state = 0;
 CREATE INDEX IF NOT EXISTS findings_delivered ON findings(seq) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS findings_delivered_at ON findings(delivered_at) WHERE state = 1;
+CREATE INDEX IF NOT EXISTS findings_stored ON findings(seq) WHERE state = 2;
 CREATE INDEX IF NOT EXISTS findings_age ON findings(created_at);
 CREATE TABLE IF NOT EXISTS evicted (
     seq        INTEGER PRIMARY KEY,
@@ -73,6 +89,7 @@ CREATE TABLE IF NOT EXISTS evicted (
 _META_KEYS = (
     "schema_version", "next_seq", "rows", "bytes", "pending_rows_0", "pending_rows_1", "pending_bytes_0",
     "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
+    "sent_rows", "stored", "receipt_requeued",
 )
 
 
@@ -135,12 +152,14 @@ class Outbox:
         max_age_days: float = 90.0,
         max_page_count: int | None = None,
         clock: Callable[[], float] = time.time,
+        keep_until_stored: bool = False,
     ) -> None:
         self.path = Path(path)
         self.max_rows = max_rows
         self.max_bytes = max_bytes
         self.max_age_s = max_age_days * 86400.0 if max_age_days > 0 else 0.0
         self.clock = clock
+        self.keep_until_stored = keep_until_stored
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._write_lock = threading.Lock()  # every write transaction, on either connection
         self._read_lock = threading.Lock()
@@ -156,8 +175,11 @@ class Outbox:
             self._w = self._connect(max_page_count)
             self._w.executescript(_SCHEMA)
             self._w.execute("BEGIN IMMEDIATE")
-            if not self._w.execute("SELECT 1 FROM meta WHERE key = 'schema_version'").fetchone():
+            version = self._w.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if not version:
                 self._init_meta()
+            elif version[0] < SCHEMA_VERSION:
+                self._migrate(version[0])
             self._w.execute("COMMIT")
             self._r = self._connect(None)
             self._r.execute("PRAGMA query_only = ON")
@@ -168,7 +190,23 @@ class Outbox:
     def from_config(cls, config) -> "Outbox":
         o = config.outbox
         path = Path(o.path) if o.path else config.state_dir / "outbox.sqlite"
-        return cls(path, max_rows=o.max_rows, max_bytes=o.max_bytes, max_age_days=o.max_age_days)
+        return cls(path, max_rows=o.max_rows, max_bytes=o.max_bytes, max_age_days=o.max_age_days,
+                   keep_until_stored=config.mqtt.require_receipts)
+
+    def _migrate(self, version: int) -> None:
+        """Inside the opening transaction: bring an older file to SCHEMA_VERSION (DDL is transactional in SQLite,
+        so a crash mid-way leaves the old file as it was)."""
+        if version < 2:
+            columns = {r[1] for r in self._w.execute("PRAGMA table_info(findings)")}
+            for name, decl in (("stored_at", "REAL"), ("resends", "INTEGER NOT NULL DEFAULT 0")):
+                if name not in columns:
+                    self._w.execute(f"ALTER TABLE findings ADD COLUMN {name} {decl}")
+            sent = self._w.execute("SELECT COUNT(*) FROM findings WHERE state = 1").fetchone()[0]
+            self._w.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                [("sent_rows", sent), ("schema_version", SCHEMA_VERSION)])
+            log.warning("outbox %s: migrated from schema %d to %d; its %d delivered finding(s) are now 'sent' "
+                        "(they wait for a hub receipt when mqtt.require_receipts is on)", self.path, version,
+                        SCHEMA_VERSION, sent)
 
     def _connect(self, max_page_count: int | None) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -192,6 +230,7 @@ class Outbox:
         for rank, n, b in self._w.execute(
                 "SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings WHERE state = 0 GROUP BY rank"):
             meta[f"pending_rows_{rank}"], meta[f"pending_bytes_{rank}"] = n, b
+        meta["sent_rows"] = self._w.execute("SELECT COUNT(*) FROM findings WHERE state = 1").fetchone()[0]
         self._save_meta(meta, {})
 
     def _save_meta(self, meta: dict[str, int], before: dict[str, int]) -> None:
@@ -324,21 +363,33 @@ class Outbox:
     def _over(self, meta: dict[str, int]) -> bool:
         return meta["rows"] > self.max_rows or meta["bytes"] > self.max_bytes
 
+    def _done_sql(self) -> str:
+        """Rows whose delivery is finished: safe to prune (stored; sent too when no receipt is required)."""
+        return "state = 2" if self.keep_until_stored else "state >= 1"
+
+    def _cap_steps(self) -> tuple[tuple[str, str], ...]:
+        """(condition, index) in the order rows give way to a cap: done rows, then routine rows not yet done,
+        sent ones (the broker has them) before pending ones; urgent rows never."""
+        if self.keep_until_stored:
+            return (("state = 2", "findings_stored"), ("state = 1 AND rank = 1", "findings_delivered"),
+                    ("state = 0 AND rank = 1", "findings_pending"))
+        return (("state = 2", "findings_stored"), ("state = 1", "findings_delivered"),
+                ("state = 0 AND rank = 1", "findings_pending"))
+
     def _enforce_caps(self, meta: dict[str, int], now: float) -> None:
-        """Inside the write transaction: delivered rows first, then routine pending oldest first, never urgent."""
+        """Inside the write transaction: done rows first, then routine rows oldest first, never urgent."""
         if self.max_age_s and now - self._last_age_check >= AGE_CHECK_INTERVAL_S:
             self._last_age_check = now
             cutoff = now - self.max_age_s
             old = self._w.execute("SELECT seq, rank, bytes, state, finding_id FROM findings WHERE created_at < ? "
-                                  "AND (state = 1 OR rank = 1) ORDER BY seq", (cutoff,)).fetchall()
+                                  f"AND ({self._done_sql()} OR rank = 1) ORDER BY seq", (cutoff,)).fetchall()
             self._remove(old, meta, now, "age")
         if not self._over(meta):
             return
-        for state_sql, reason in (("state = 1", None), ("state = 0 AND rank = 1", "")):
+        for state_sql, index in self._cap_steps():
             while self._over(meta):
                 excess_rows = meta["rows"] - self.max_rows
                 excess_bytes = meta["bytes"] - self.max_bytes
-                index = "findings_delivered" if reason is None else "findings_pending"
                 batch = self._w.execute(
                     f"SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY {index} "
                     f"WHERE {state_sql} ORDER BY seq LIMIT ?", (max(64, min(excess_rows, 10_000)),)).fetchall()
@@ -369,13 +420,16 @@ class Outbox:
         for seq, rank, size, state, finding_id in rows:
             meta["rows"] -= 1
             meta["bytes"] -= size
-            if state == DELIVERED:
+            if state == SENT:
+                meta["sent_rows"] -= 1
+            if state == STORED or (state == SENT and not self.keep_until_stored):
                 meta["pruned"] += 1
-            else:
+                continue
+            if state == PENDING:
                 meta[f"pending_rows_{rank}"] -= 1
                 meta[f"pending_bytes_{rank}"] -= size
-                meta["evicted"] += 1
-                evicted.append((seq, finding_id, rank, reason, now))
+            meta["evicted"] += 1  # never confirmed stored by the hub: an eviction, listed for audit
+            evicted.append((seq, finding_id, rank, reason, now))
         if evicted:
             self._w.executemany("INSERT OR REPLACE INTO evicted(seq, finding_id, rank, reason, evicted_at) VALUES (?,?,?,?,?)", evicted)
             self._w.execute("DELETE FROM evicted WHERE seq <= (SELECT seq FROM evicted ORDER BY seq DESC LIMIT 1 OFFSET ?)",
@@ -387,14 +441,18 @@ class Outbox:
                 self._evict_logged_at, self._evicted_unlogged = time.monotonic(), 0
 
     def _prune_delivered_for_space(self, n: int) -> int:
-        """After SQLITE_FULL: drop up to n delivered rows (oldest first) so their pages can be reused."""
+        """After SQLITE_FULL: drop up to n done rows (oldest first) so their pages can be reused."""
         conn = self._w
         try:
             conn.execute("BEGIN IMMEDIATE")
             meta = self._load_meta()
             before = dict(meta)
-            rows = conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY findings_delivered "
-                                "WHERE state = 1 ORDER BY seq LIMIT ?", (n,)).fetchall()
+            rows = conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY findings_stored "
+                                "WHERE state = 2 ORDER BY seq LIMIT ?", (n,)).fetchall()
+            if not self.keep_until_stored and len(rows) < n:
+                rows += conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY "
+                                     "findings_delivered WHERE state = 1 ORDER BY seq LIMIT ?",
+                                     (n - len(rows),)).fetchall()
             self._remove(rows, meta, self.clock(), "space")
             self._save_meta(meta, before)
             conn.execute("COMMIT")
@@ -461,6 +519,7 @@ class Outbox:
                             meta[f"pending_rows_{rank}"] -= 1
                             meta[f"pending_bytes_{rank}"] -= size
                         meta["delivered"] += len(rows)
+                        meta["sent_rows"] += len(rows)
                         changed += len(rows)
                     else:
                         conn.execute(f"UPDATE findings SET attempts = attempts + 1 WHERE state = 0 AND seq IN ({marks})", chunk)
@@ -507,11 +566,107 @@ class Outbox:
                         meta[f"pending_bytes_{rank}"] += size
                         n += count
                     meta["requeued"] += n
+                    meta["sent_rows"] -= n
                     self._save_meta(meta, before)
                 conn.execute("COMMIT")
             except sqlite3.Error as exc:
                 _rollback(conn)
                 raise OutboxError(str(self.path), f"cannot requeue delivered findings ({exc})") from None
+        if n:
+            self.commits += 1
+        return n
+
+    def mark_stored(self, finding_ids: Iterable[str]) -> tuple[int, int]:
+        """A hub receipt for these finding_ids: mark them stored. Returns (newly stored, unknown). Only a row that
+        was sent (PUBACK) can become stored, also one made pending again for a re-send; a row never sent, an id
+        this outbox does not hold (pruned, another device's, made up) is unknown and changes nothing. A receipt
+        repeated for a row already stored is neither. Written without an fsync of its own: a mark lost to a power
+        cut means one more re-send (a duplicate at the hub), never a loss."""
+        ids = sorted({i for i in finding_ids if isinstance(i, str)})
+        if not ids:
+            return 0, 0
+        conn = self._w
+        stored = known = 0
+        with self._write_lock:
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("BEGIN IMMEDIATE")
+                meta = self._load_meta()
+                before = dict(meta)
+                now = self.clock()
+                for chunk in _chunks(ids):
+                    rows = conn.execute(f"SELECT seq, state, rank, bytes, delivered_at FROM findings WHERE finding_id "
+                                        f"IN ({','.join('?' * len(chunk))})", chunk).fetchall()
+                    marked = []
+                    for seq, state, rank, size, sent_at in rows:
+                        if state == STORED:
+                            known += 1
+                        elif state == SENT or sent_at is not None:  # pending again for a re-send: was sent before
+                            known += 1
+                            marked.append(seq)
+                            if state == SENT:
+                                meta["sent_rows"] -= 1
+                            else:
+                                meta[f"pending_rows_{rank}"] -= 1
+                                meta[f"pending_bytes_{rank}"] -= size
+                    for part in _chunks(marked):
+                        conn.execute(f"UPDATE findings SET state = 2, stored_at = ? WHERE seq IN "
+                                     f"({','.join('?' * len(part))})", (now, *part))
+                    stored += len(marked)
+                meta["stored"] += stored
+                self._save_meta(meta, before)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise OutboxError(str(self.path), f"cannot mark findings stored ({exc})") from None
+            finally:
+                try:
+                    conn.execute("PRAGMA synchronous = FULL")
+                except sqlite3.Error:
+                    pass
+        if stored:
+            self.commits += 1
+        return stored, len(ids) - known
+
+    def requeue_unstored(self, older_than_s: float | None, sent_before: float | None = None) -> int:
+        """Make pending again the sent rows still without a receipt; returns how many. `older_than_s` None: all of
+        them whose PUBACK came before `sent_before` (a new connection: whatever the broker held before it may be
+        gone; what this connection sent is not in doubt yet). Otherwise only rows whose last PUBACK is
+        older than `older_than_s * 2**resends` (resends capped at RESEND_BACKOFF_MAX): a hub away for a day gets a
+        copy every hour or so, not every two minutes. The row keeps its finding_id and its PUBACK time, so a
+        receipt that arrives for the earlier copy still counts. Durable (synchronous=FULL)."""
+        conn = self._w
+        n = 0
+        now = self.clock()
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if older_than_s is None:
+                    rows = conn.execute("SELECT seq, rank, bytes FROM findings INDEXED BY findings_delivered_at "
+                                        "WHERE state = 1 AND delivered_at < ?",
+                                        (now if sent_before is None else sent_before,)).fetchall()
+                else:
+                    rows = conn.execute(
+                        "SELECT seq, rank, bytes FROM findings INDEXED BY findings_delivered_at "
+                        "WHERE state = 1 AND delivered_at < ? AND delivered_at < ? - ? * (1 << MIN(resends, ?))",
+                        (now - older_than_s, now, older_than_s, RESEND_BACKOFF_MAX)).fetchall()
+                if rows:
+                    meta = self._load_meta()
+                    before = dict(meta)
+                    for chunk in _chunks([r[0] for r in rows]):
+                        conn.execute(f"UPDATE findings SET state = 0, resends = resends + 1 WHERE seq IN "
+                                     f"({','.join('?' * len(chunk))})", chunk)
+                    for _, rank, size in rows:
+                        meta[f"pending_rows_{rank}"] += 1
+                        meta[f"pending_bytes_{rank}"] += size
+                    n = len(rows)
+                    meta["sent_rows"] -= n
+                    meta["receipt_requeued"] += n
+                    self._save_meta(meta, before)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise OutboxError(str(self.path), f"cannot requeue findings without a receipt ({exc})") from None
         if n:
             self.commits += 1
         return n
@@ -526,7 +681,13 @@ class Outbox:
         return {p: meta.get(f"pending_rows_{r}", 0) for p, r in RANK.items()}
 
     def depth(self) -> int:
+        """Pending rows: not yet acknowledged by the broker."""
         return sum(self.pending_by_priority().values())
+
+    def sent_unstored(self) -> int:
+        """Rows the broker acknowledged that no hub receipt has confirmed yet."""
+        return self._read_meta().get("sent_rows", 0)
+
 
     def stats(self) -> dict[str, Any]:
         meta = self._read_meta()
@@ -536,8 +697,11 @@ class Outbox:
             "rows": meta.get("rows", 0),
             "bytes": meta.get("bytes", 0),
             "next_seq": meta.get("next_seq", 1),
-            "delivered": meta.get("delivered", 0),  # ever marked delivered
-            "pruned": meta.get("pruned", 0),  # delivered rows removed to respect the caps
+            "delivered": meta.get("delivered", 0),  # ever marked sent (PUBACK)
+            "sent_unstored": meta.get("sent_rows", 0),  # sent (PUBACK), no hub receipt yet
+            "stored": meta.get("stored", 0),  # ever confirmed stored by a hub receipt
+            "receipt_requeued": meta.get("receipt_requeued", 0),  # sent rows re-sent for want of a receipt
+            "pruned": meta.get("pruned", 0),  # done rows removed to respect the caps
             "evicted": meta.get("evicted", 0),  # routine findings removed before delivery
             "requeued": meta.get("requeued", 0),  # delivered rows made pending again after the broker lost its session
             "over_cap_alarms": meta.get("over_cap_alarms", 0),
@@ -551,10 +715,9 @@ class Outbox:
             return [r[0] for r in self._r.execute("SELECT finding_id FROM evicted ORDER BY seq")]
 
     def finding_ids(self) -> dict[str, str]:
-        """finding_id -> state ('pending' | 'delivered') of every stored row (tests and audits)."""
+        """finding_id -> state ('pending' | 'sent' | 'stored') of every row (tests and audits)."""
         with self._read_lock:
-            return {fid: ("pending" if st == PENDING else "delivered")
-                    for fid, st in self._r.execute("SELECT finding_id, state FROM findings")}
+            return {fid: STATE_NAMES[st] for fid, st in self._r.execute("SELECT finding_id, state FROM findings")}
 
     def payload(self, seq: int) -> dict[str, Any] | None:
         with self._read_lock:
@@ -563,7 +726,10 @@ class Outbox:
 
     def _read_meta(self) -> dict[str, int]:
         with self._read_lock:
-            return self._load_meta(self._r)
+            try:
+                return self._load_meta(self._r)
+            except sqlite3.Error as exc:  # closed or broken: the caller's error to handle, not a raw sqlite one
+                raise OutboxError(str(self.path), f"cannot read the outbox counters ({exc})") from None
 
     def close(self) -> None:
         if self._closed:

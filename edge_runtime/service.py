@@ -41,9 +41,12 @@ from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
 log = logging.getLogger("edge_runtime.service")
 
 # Counters the outbox and the uplink keep themselves, exported as edge_outbox_* / edge_uplink_* at scrape time.
-OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued")
+OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
+                   "stored", "receipt_requeued")
 UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
-                   "connect_failures", "errors", "new_sessions", "requeued")
+                   "connect_failures", "errors", "new_sessions", "requeued",
+                   "receipts", "stored", "receipt_unknown", "receipt_foreign", "receipt_malformed", "receipt_resent",
+                   "half_open", "net_events")
 LATENCY_WINDOW = 1000  # findings per model behind the exact percentiles `status` shows
 WINDOW_QUANTILES = (0.5, 0.95, 0.99, 1.0)
 FIRST_OPEN_WAIT_S = 5.0  # readiness waits this long for live sources' first open, to report what is up
@@ -171,7 +174,8 @@ class Service:
         if self.config.service.metrics_port:
             self.metrics_port = self._serve_metrics()
         self.outbox = Outbox.from_config(self.config)
-        self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS, gauges=("rows", "bytes"))
+        self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS,
+                           gauges=("rows", "bytes", "sent_unstored"))
         for src in self.config.sources:
             if src.model not in self.runners:
                 self.runners[src.model] = ModelRunner(self, src.model)

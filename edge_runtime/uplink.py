@@ -19,6 +19,22 @@ consumers drop by finding_id, instead of a silent loss. A re-send that fails (an
 second until it succeeds, since the next CONNACK will report the new session as present. With a session expiry
 of 0 (asked for, or granted by the broker) no session is ever present, so nothing is re-sent.
 
+A PUBACK is still not the end (a broker crash loses what arrived since its last persistence snapshot, and the
+CONNACK after it may well say the session is present). With `require_receipts` (the default) the uplink subscribes
+to `.../receipts`, where a collector names the finding_ids it has committed; those rows become stored and only
+then may be pruned. A sent row without a receipt is published again (same finding_id) at every new connection,
+once the receipts the broker queued for us have been read, and whenever it has waited `receipt_timeout_s`
+(doubling per re-send, up to 32 times). Receipts for ids this outbox never sent, or naming another device, change
+nothing and are counted; a malformed one is logged once per connection.
+
+Short link windows: while findings are owed (pending, or without a receipt), the reconnect backoff is capped at
+`reconnect_pending_max_s` (jittered: a fleet spreads out), and a change of the host's links, addresses or routes
+(rtnetlink, where the OS has it) cuts the wait short. A connection on which publishes (or a keepalive ping) go
+unanswered for `ack_timeout_s` is dropped and a new one made: a half-open link is noticed in about ten seconds,
+not after 1.5 keepalives; the socket also gets TCP_USER_TIMEOUT and TCP keepalive. A connect never blocks longer
+than `connect_timeout_s`. A clean stop keeps publishing what is pending for up to `drain_on_stop_s` while the link
+is up.
+
 Status: `<prefix>/<site>/<device>/status` is "online" (retained) after each connect and "offline" (retained)
 as the last will and on a clean stop. Telemetry (outbox depth and uplink counters, no findings) goes to
 `.../telemetry` with QoS 0.
@@ -29,6 +45,8 @@ import ipaddress
 import json
 import logging
 import random
+import select
+import socket
 import ssl
 import threading
 import time
@@ -47,6 +65,10 @@ log = logging.getLogger("edge_runtime.uplink")
 NO_MATCHING_SUBSCRIBERS = 0x10
 SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
 _TOPIC_FORBIDDEN = set("/+#\x00")
+RECEIPT_GRACE_S = 2.0  # after a CONNACK: how long queued receipts may take to arrive before the re-send of the rest
+NET_EVENT_JITTER_S = 0.5  # after a network change: reconnect within this, spread, not at the same instant
+# rtnetlink multicast groups: links, IPv4/IPv6 addresses and routes
+_RTMGRP = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 
 
 @dataclass(frozen=True)
@@ -113,6 +135,52 @@ def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random = rando
     return d / 2 + rng.random() * d / 2
 
 
+class NetworkWatch:
+    """Tells a waiting uplink that the host's network changed (a link, an address or a route), so it can try at
+    once instead of sleeping out its backoff. Linux rtnetlink; elsewhere (or when the socket is refused) it never
+    fires and the backoff alone applies."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)  # type: ignore[attr-defined]
+            sock.bind((0, _RTMGRP))
+            sock.setblocking(False)
+            self._sock = sock
+        except (AttributeError, OSError):
+            pass
+
+    @property
+    def available(self) -> bool:
+        return self._sock is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout`; True as soon as a change arrives (every queued notice is consumed)."""
+        if self._sock is None:
+            time.sleep(timeout)
+            return False
+        try:
+            ready, _, _ = select.select([self._sock], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return False
+        if not ready:
+            return False
+        while True:
+            try:
+                if not self._sock.recv(65536):
+                    break
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:  # ENOBUFS: notices overflowed, which is a change too
+                break
+        return True
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
 class Uplink:
     def __init__(self, outbox: Outbox, mqtt: MqttSection, identity: DeviceIdentity, *, where: str = "configuration") -> None:
         self.outbox = outbox
@@ -136,14 +204,23 @@ class Uplink:
         if mqtt.resend_on_session_loss_s < 0:
             raise ConfigError(where, "key 'mqtt.resend_on_session_loss_s' must be >= 0 (0 = off); "
                                      f"got {mqtt.resend_on_session_loss_s}")
+        for key in ("receipt_timeout_s", "reconnect_pending_max_s", "ack_timeout_s"):
+            if getattr(mqtt, key) <= 0:
+                raise ConfigError(where, f"key 'mqtt.{key}' must be > 0; got {getattr(mqtt, key)}")
+        if mqtt.drain_on_stop_s < 0:
+            raise ConfigError(where, "key 'mqtt.drain_on_stop_s' must be >= 0 (0 = no drain); "
+                                     f"got {mqtt.drain_on_stop_s}")
         base = topic_base(mqtt.topic_prefix, identity, where)
         self.topic_findings = f"{base}/findings"
         self.topic_status = f"{base}/status"
         self.topic_telemetry = f"{base}/telemetry"
+        self.topic_receipts = f"{base}/receipts"
         self.client_id = mqtt.client_id or f"edge-{identity.device_id}"
         self.v5 = mqtt.protocol == "5"
         self._stop = threading.Event()
         self._stop_deadline = 0.0
+        self._drain_deadline = 0.0
+        self._drain_published = False
         self._thread: threading.Thread | None = None
         self._rng = random.Random()
         # Link state and counters (written by the uplink thread only; read anywhere).
@@ -151,7 +228,9 @@ class Uplink:
         self.connected = False
         self.window = mqtt.inflight
         self.counters = {"published": 0, "acked": 0, "resent": 0, "rejected": 0, "unrouted": 0, "connects": 0,
-                         "disconnects": 0, "connect_failures": 0, "errors": 0, "new_sessions": 0, "requeued": 0}
+                         "disconnects": 0, "connect_failures": 0, "errors": 0, "new_sessions": 0, "requeued": 0,
+                         "receipts": 0, "stored": 0, "receipt_unknown": 0, "receipt_foreign": 0,
+                         "receipt_malformed": 0, "receipt_resent": 0, "half_open": 0, "net_events": 0}
         self.last_error = ""
         self.beat = time.monotonic()
         self.alarms: Callable[[], list[dict]] | None = None  # set by the service: active alarms for telemetry
@@ -169,6 +248,15 @@ class Uplink:
         self._hold_attempt = 0
         self._seen_commits = -1
         self._last_poll = 0.0
+        self._ack_wait_since = 0.0  # since when the oldest unanswered publish has waited (reset by each PUBACK)
+        self._receipt_ids: list[str] = []
+        self._subacked = False
+        self._connected_at = 0.0
+        self._connected_wall = 0.0  # the outbox clock at CONNACK: rows acknowledged before it are in doubt
+        self._connect_resend_due = False  # this connection's re-send of sent rows without a receipt
+        self._next_receipt_sweep = 0.0
+        self._malformed_logged = False
+        self._net: NetworkWatch | None = None
 
     @classmethod
     def from_config(cls, outbox: Outbox, config, identity: DeviceIdentity) -> "Uplink | None":
@@ -187,9 +275,12 @@ class Uplink:
         return self
 
     def stop(self, timeout: float = 5.0) -> bool:
-        """Stop publishing, give in-flight messages up to `timeout` for their PUBACK, publish "offline",
-        disconnect. Returns True if the thread finished in time. Unacknowledged rows stay pending."""
-        self._stop_deadline = time.monotonic() + max(0.0, timeout - 0.2)
+        """While the link is up, keep publishing what is pending for up to `mqtt.drain_on_stop_s` (within
+        `timeout`); then stop publishing, give in-flight messages the rest of `timeout` for their PUBACK, publish
+        "offline", disconnect. Returns True if the thread finished in time. Unacknowledged rows stay pending."""
+        now = time.monotonic()
+        self._stop_deadline = now + max(0.0, timeout - 0.2)
+        self._drain_deadline = min(now + self.cfg.drain_on_stop_s, self._stop_deadline - 0.5)
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
@@ -209,6 +300,7 @@ class Uplink:
     # ------------------------------------------------------------ thread
     def _run(self) -> None:
         attempt = 0
+        self._net = NetworkWatch()
         try:
             while not self._stop.is_set():
                 self.state = "connecting"
@@ -222,12 +314,26 @@ class Uplink:
                 if self._stop.is_set():
                     break
                 self.state = "backoff"
-                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s, self._rng)
+                delay = backoff_delay(attempt, self.cfg.reconnect_min_s, self._backoff_cap(), self._rng)
                 attempt += 1
                 self._wait(delay)
         finally:
             self.state = "stopped"
             self.connected = False
+            self._net.close()
+
+    def _owed(self) -> int:
+        """Findings this uplink still has to move: pending, and sent without a receipt when receipts count."""
+        try:
+            return self.outbox.depth() + (self.outbox.sent_unstored() if self.cfg.require_receipts else 0)
+        except OutboxError:
+            return 1  # cannot tell: assume there is work rather than sleep for a minute
+
+    def _backoff_cap(self) -> float:
+        """Short while something is owed, so a link window of a few seconds is used; long when idle."""
+        if self._owed():
+            return max(self.cfg.reconnect_min_s, min(self.cfg.reconnect_max_s, self.cfg.reconnect_pending_max_s))
+        return self.cfg.reconnect_max_s
 
     def _wait(self, seconds: float) -> None:
         end = time.monotonic() + seconds
@@ -236,7 +342,13 @@ class Uplink:
             left = end - time.monotonic()
             if left <= 0:
                 return
-            self._stop.wait(min(left, 1.0))
+            if self._net is not None and self._net.available:
+                if self._net.wait(min(left, 0.2)) and self._owed():
+                    # The host's network changed: the link may be back. Try soon, at a spread-out instant.
+                    self.counters["net_events"] += 1
+                    end = min(end, time.monotonic() + self._rng.random() * NET_EVENT_JITTER_S)
+            else:
+                self._stop.wait(min(left, 1.0))
 
     def _make_client(self):
         import paho.mqtt.client as mqtt
@@ -258,7 +370,27 @@ class Uplink:
         client.will_set(self.topic_status, "offline", qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
         return client
+
+    def _tune_socket(self, client) -> None:
+        """Let the kernel notice a dead peer too: unacknowledged data for ack_timeout_s ends the connection
+        (TCP_USER_TIMEOUT), and an idle connection is probed (TCP keepalive, after the MQTT keepalive would
+        have sent a ping anyway, so it costs nothing on a busy link). Best effort: not every OS has these."""
+        sock = client.socket()
+        if sock is None:
+            return
+        options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+        for name, value in (("TCP_KEEPIDLE", max(1, int(self.cfg.keepalive_s))), ("TCP_KEEPINTVL", 3),
+                            ("TCP_KEEPCNT", 3), ("TCP_USER_TIMEOUT", max(1, int(self.cfg.ack_timeout_s * 1000)))):
+            if hasattr(socket, name):
+                options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+        for level, option, value in options:
+            try:
+                sock.setsockopt(level, option, value)
+            except OSError:
+                pass
 
     def _session(self) -> bool:
         """One connection: connect, publish until the link drops or stop. True if CONNACK was a success."""
@@ -267,8 +399,13 @@ class Uplink:
         self._inflight.clear()
         self._acked.clear()
         self._rejected.clear()
+        self._receipt_ids.clear()
         self._connack = None
+        self._subacked = False
+        self._malformed_logged = False
         client = self._make_client()
+        # One budget for the whole attempt (TCP, TLS, CONNACK): a stalled link costs connect_timeout_s, not twice it.
+        deadline = time.monotonic() + self.cfg.connect_timeout_s
         try:
             try:
                 if self.v5:
@@ -283,7 +420,7 @@ class Uplink:
             except (OSError, ssl.SSLError, ValueError) as exc:
                 self._failed(f"connect to {self.target.host}:{self.target.port} failed: {exc}")
                 return False
-            deadline = time.monotonic() + self.cfg.connect_timeout_s
+            self._tune_socket(client)
             while self._connack is None:
                 self.beat = time.monotonic()
                 rc = client.loop(0.05)
@@ -305,9 +442,15 @@ class Uplink:
             log.info("uplink connected to %s:%d (window %d)", self.target.host, self.target.port, self.window)
             if not self._session_present:
                 self.counters["new_sessions"] += 1
-                self._requeue_owed = True
+                # With receipts, the re-send below covers a lost session too (and more precisely).
+                self._requeue_owed = not self.cfg.require_receipts
             if self._requeue_owed:
                 self._requeue_recent()
+            if self.cfg.require_receipts:
+                client.subscribe(self.topic_receipts, qos=1)  # every connect: a lost session lost it too
+                self._connected_at = time.monotonic()
+                self._connected_wall = self.outbox.clock()
+                self._connect_resend_due = True
             client.publish(self.topic_status, "online", qos=1, retain=True)
             self._pump(client)
             return True
@@ -357,11 +500,18 @@ class Uplink:
         while True:
             now = time.monotonic()
             self.beat = now
-            if self._stop.is_set():
+            if self._stop.is_set() and not self._draining(now):
                 self._drain_and_leave(client)
                 return
             if self._requeue_owed and now - self._requeue_tried >= 1.0:
                 self._requeue_recent()
+            if self.cfg.require_receipts:
+                self._receipt_upkeep(now)
+            acks_overdue = bool(self._inflight) and now - self._ack_wait_since > self.cfg.ack_timeout_s
+            if acks_overdue or self._ping_unanswered(client, now):
+                self.counters["half_open"] += 1
+                self._lost(f"no answer from the broker for {self.cfg.ack_timeout_s:.0f} s (half-open link)")
+                return
             # Fill the window (urgent first, then seq), within the rate cap and outside a hold.
             timeout = 0.05
             if self.cfg.rate_limit:
@@ -378,7 +528,11 @@ class Uplink:
                     info = client.publish(self.topic_findings, row.payload, qos=1)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
                         break  # link gone: loop() below notices
+                    if not self._inflight:
+                        self._ack_wait_since = time.monotonic()
                     self._inflight[info.mid] = row.seq
+                    if self._stop.is_set():
+                        self._drain_published = True
                     self.counters["published"] += 1
                     if row.attempts:
                         self.counters["resent"] += 1
@@ -394,6 +548,55 @@ class Uplink:
             if self.cfg.telemetry_interval_s and time.monotonic() >= next_telemetry:
                 next_telemetry = time.monotonic() + self.cfg.telemetry_interval_s
                 self._publish_telemetry(client)
+
+    def _draining(self, now: float) -> bool:
+        """Stopping with the link up: keep going while pending findings, PUBACKs or (for what this drain sent)
+        receipts are outstanding, until drain_on_stop_s is used up."""
+        if now >= self._drain_deadline:
+            return False
+        try:
+            if self._inflight or self.outbox.depth():
+                return True
+            return self.cfg.require_receipts and self._drain_published and self.outbox.sent_unstored() > 0
+        except OutboxError:
+            return False
+
+    def _ping_unanswered(self, client, now: float) -> bool:
+        """paho's keepalive ping has waited longer than ack_timeout_s for its PINGRESP (paho itself would wait a
+        whole keepalive). Reads paho's private ping timestamp (monotonic): best effort, False if it moves."""
+        ping_t = getattr(client, "_ping_t", 0)
+        return isinstance(ping_t, (int, float)) and ping_t > 0 and now - ping_t > self.cfg.ack_timeout_s
+
+    def _receipt_upkeep(self, now: float) -> None:
+        """Re-send sent rows without a receipt: all of them once per connection (after the receipts the broker
+        queued for us have arrived), then those past receipt_timeout_s, checked every second."""
+        if self._connect_resend_due:
+            if not self._subacked and now - self._connected_at < RECEIPT_GRACE_S:
+                return
+            self._flush_acks()
+            try:
+                n = self.outbox.requeue_unstored(None, sent_before=self._connected_wall)
+            except OutboxError as exc:
+                log.error("uplink: %s; tried again in a second", exc)
+                self._connected_at = now - RECEIPT_GRACE_S + 1.0
+                self._subacked = False
+                return
+            self._connect_resend_due = False
+            self._next_receipt_sweep = now + 1.0
+            if n:
+                self.counters["receipt_resent"] += n
+                log.info("uplink: re-sending %d finding(s) the hub has not confirmed (new connection)", n)
+        elif now >= self._next_receipt_sweep:
+            self._next_receipt_sweep = now + 1.0
+            try:
+                n = self.outbox.requeue_unstored(self.cfg.receipt_timeout_s)
+            except OutboxError as exc:
+                log.error("uplink: %s", exc)
+                return
+            if n:
+                self.counters["receipt_resent"] += n
+                log.warning("uplink: re-sending %d finding(s) without a hub receipt after %.0f s", n,
+                            self.cfg.receipt_timeout_s)
 
     def _outbox_may_have_more(self, now: float) -> bool:
         """Skip the query when nothing changed since an empty read (re-read at least every second anyway)."""
@@ -411,7 +614,12 @@ class Uplink:
             if self._rejected:
                 rejected, self._rejected = self._rejected, []
                 self.outbox.record_attempts(rejected)
-        except OutboxError as exc:  # the rows stay pending and are sent again: a duplicate, never a loss
+            if self._receipt_ids:  # after the PUBACKs: a receipt finds its row sent
+                ids, self._receipt_ids = self._receipt_ids, []
+                stored, unknown = self.outbox.mark_stored(ids)
+                self.counters["stored"] += stored
+                self.counters["receipt_unknown"] += unknown
+        except OutboxError as exc:  # the rows stay pending (or sent) and are sent again: a duplicate, never a loss
             log.error("uplink: %s", exc)
 
     def _lost(self, why: str) -> None:
@@ -457,7 +665,7 @@ class Uplink:
             return
         body = {"device_id": self.identity.device_id, "site": self.identity.site, "at": utc_now(),
                 "outbox": {k: box[k] for k in ("pending", "pending_bytes", "rows", "bytes", "evicted",
-                                               "over_cap_alarms", "full_alarms")},
+                                               "over_cap_alarms", "full_alarms", "sent_unstored", "stored")},
                 "uplink": {k: v for k, v in self.stats().items() if k != "last_error"}}
         if self.alarms is not None:
             try:
@@ -482,7 +690,39 @@ class Uplink:
             window = min(window, max(1, int(receive_max) - 1))
         self.window = max(1, window)
 
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        self._subacked = True
+        if any(getattr(r, "is_failure", False) for r in reason_codes):
+            log.warning("uplink: the broker refused the receipts subscription %s (%s): findings are re-sent every "
+                        "%.0f s and never pruned; allow it in the ACL or set mqtt.require_receipts = false",
+                        self.topic_receipts, reason_codes, self.cfg.receipt_timeout_s)
+
+    def _on_message(self, client, userdata, message) -> None:
+        """A hub receipt: {"device_id", "site", "finding_ids": [...]}. Ids are collected here and marked stored
+        in _flush_acks (outside paho's callback)."""
+        if message.topic != self.topic_receipts:
+            self.counters["receipt_foreign"] += 1
+            return
+        try:
+            body = json.loads(message.payload)
+            ids = body["finding_ids"] if isinstance(body, dict) else None
+            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+                raise ValueError("'finding_ids' must be a list of strings")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+            self.counters["receipt_malformed"] += 1
+            if not self._malformed_logged:  # a broken hub would send one per batch: say it once per connection
+                self._malformed_logged = True
+                log.warning("uplink: %s: malformed receipt ignored (%s)", message.topic, exc)
+            return
+        if body.get("device_id", self.identity.device_id) != self.identity.device_id or \
+                body.get("site", self.identity.site) != self.identity.site:
+            self.counters["receipt_foreign"] += 1
+            return
+        self.counters["receipts"] += 1
+        self._receipt_ids.extend(ids)
+
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        self._ack_wait_since = time.monotonic()
         seq = self._inflight.pop(mid, None)
         if seq is None:
             return  # status/telemetry, or a message from before a reconnect

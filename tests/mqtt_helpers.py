@@ -42,7 +42,8 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30.0, interval: fl
 class Broker:
     """A private mosquitto on a free loopback port. stop()/kill()/start() keep the port and the persistence dir."""
 
-    def __init__(self, root: Path, persistence: bool = True, port: int | None = None, extra: str = "") -> None:
+    def __init__(self, root: Path, persistence: bool = True, port: int | None = None, extra: str = "",
+                 autosave_interval: int = 1) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -56,7 +57,7 @@ class Broker:
             "allow_anonymous true\n"
             f"persistence {'true' if persistence else 'false'}\n"
             f"persistence_location {self.data}/\n"
-            "autosave_interval 1\n"
+            f"autosave_interval {autosave_interval}\n"  # 60 as docs/mqtt.md recommends: a kill -9 loses the tail
             "max_queued_messages 0\n"  # 0 = unlimited: the default (1000) silently drops for an offline collector
             "max_inflight_messages 100\n"
             "set_tcp_nodelay true\n"

@@ -2,7 +2,8 @@
 
 Commits findings item-0 .. item-(n-1) into an outbox file, each under its own source_item (so a restarted
 producer skips what was already committed, like a study file re-processed after a crash), while an Uplink
-publishes them. Prints "committed <i>" after each commit and "drained" once nothing is pending.
+publishes them. Prints "committed <i>" after each commit and "drained" once every finding is stored at the hub
+(a receipt for each: the outbox keeps rows until then, as the daemon does with mqtt.require_receipts).
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def main() -> int:
 
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    outbox = Outbox(args.db)
+    outbox = Outbox(args.db, keep_until_stored=True)
     identity = DeviceIdentity(args.device_id, "site-k")
     uplink = Uplink(outbox, mqtt_section(args.broker, rate_limit=args.rate_limit), identity).start()
     for i in range(args.n):
@@ -48,7 +49,7 @@ def main() -> int:
         if args.pace:
             time.sleep(args.pace)
     while not stop.is_set():
-        if outbox.depth() == 0:
+        if outbox.depth() == 0 and outbox.sent_unstored() == 0:
             print("drained", flush=True)
             if args.exit_when_drained:
                 break

@@ -111,3 +111,64 @@ def test_collector_rejects_a_malformed_shared_subscription(tmp_path):
 
     with pytest.raises(ConfigError, match=r"\$share/<group>/<filter>"):
         Collector("mqtt://127.0.0.1:1", tmp_path / "hub.sqlite", topic="$share/collectors")
+
+
+def test_receipt_topic_is_the_devices_own():
+    from edge_runtime.collector import receipt_topic
+
+    assert receipt_topic("edge/v1/site-a/dev-1/findings") == "edge/v1/site-a/dev-1/receipts"
+    assert receipt_topic("edge/v1/site-a/dev-1/telemetry") is None
+    assert receipt_topic("findings") is None
+
+
+@needs_mosquitto
+@pytest.mark.parametrize("receipts", [True, False], ids=["receipts", "no-receipts"])
+def test_collector_sends_each_device_a_receipt_for_what_it_committed(tmp_path, receipts):
+    """Per device, after the commit: the ids it stored and the duplicates it already had; nothing for a message that
+    is not a finding; nothing at all with receipts off."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from mqtt_helpers import Capture
+
+    broker = Broker(tmp_path / "broker").start()
+    cap = Capture(broker.port, "edge/v1/+/+/receipts")
+    col = Collector(broker.url, tmp_path / "hub.sqlite", client_id="hub-r", reconnect_min_s=0.05, receipts=receipts)
+    try:
+        col.start()
+        wait_until(col.subscribed.is_set, 10, what="collector subscription")
+        pub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="fake-devices", protocol=mqtt.MQTTv5)
+        pub.connect("127.0.0.1", broker.port, 30)
+        pub.loop_start()
+        sent: dict[str, list[str]] = {"dev-1": [], "dev-2": []}
+        for i in range(12):
+            device = "dev-1" if i % 3 else "dev-2"
+            f = fake_finding(i, "routine", device, "site-r")
+            sent[device].append(f["finding_id"])
+            pub.publish(f"edge/v1/site-r/{device}/findings", to_json(f), qos=1).wait_for_publish(5)
+        again = fake_finding(0, "routine", "dev-1", "site-r") | {"finding_id": sent["dev-1"][0]}
+        pub.publish("edge/v1/site-r/dev-1/findings", to_json(again), qos=1).wait_for_publish(5)  # a re-send
+        pub.publish("edge/v1/site-r/dev-1/findings", b"not a finding", qos=1).wait_for_publish(5)
+        pub.disconnect()
+        pub.loop_stop()
+        wait_until(lambda: col.counters["stored"] == 12 and col.counters["duplicates"] == 1
+                   and col.counters["rejected"] == 1, 15, what="stored")
+        if not receipts:
+            import time
+
+            time.sleep(1.0)
+            assert not cap.messages and col.counters["receipts_sent"] == 0
+            return
+        wait_until(lambda: sum(len(json.loads(p)["finding_ids"]) for _, p, _ in list(cap.messages)) >= 13, 15,
+                   what="receipts")
+        got: dict[str, list[str]] = {"dev-1": [], "dev-2": []}
+        for topic, payload, _ in list(cap.messages):
+            body = json.loads(payload)
+            assert topic == f"edge/v1/{body['site']}/{body['device_id']}/receipts" and body["site"] == "site-r"
+            got[body["device_id"]] += body["finding_ids"]
+        assert sorted(got["dev-2"]) == sorted(sent["dev-2"])
+        assert sorted(got["dev-1"]) == sorted(sent["dev-1"] + [sent["dev-1"][0]]), "a duplicate is confirmed again"
+    finally:
+        cap.close()
+        col.stop(2.0)
+        broker.stop()

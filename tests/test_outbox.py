@@ -264,3 +264,129 @@ def test_from_config_uses_the_state_dir(tmp_path):
                               outbox=OutboxSection(max_rows=7))
     with Outbox.from_config(cfg) as box:
         assert box.path == tmp_path / "state" / "outbox.sqlite" and box.max_rows == 7
+
+
+# ---------------------------------------------------------------- three states: pending, sent, stored (receipts)
+def recount_sent(path) -> int:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT COUNT(*) FROM findings WHERE state = 1").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _ids(box: Outbox) -> dict[int, str]:
+    with box._read_lock:
+        return dict(box._r.execute("SELECT seq, finding_id FROM findings"))
+
+
+def test_a_receipt_stores_only_sent_rows_and_counts_the_unknown(tmp_path):
+    path = tmp_path / "o.sqlite"
+    box = Outbox(path, keep_until_stored=True)
+    seqs = [box.commit(F(i)) for i in range(4)]
+    ids = _ids(box)
+    box.mark_delivered(seqs[:2])
+    assert box.finding_ids()[ids[seqs[0]]] == "sent" and box.sent_unstored() == 2
+    # one sent row, one never-sent pending row, an id nobody has, and garbage types
+    stored, unknown = box.mark_stored([ids[seqs[0]], ids[seqs[2]], "not-a-known-id", 17])
+    assert (stored, unknown) == (1, 2)
+    states = box.finding_ids()
+    assert states[ids[seqs[0]]] == "stored" and states[ids[seqs[2]]] == "pending", "a receipt never touches a never-sent row"
+    assert box.mark_stored([ids[seqs[0]]]) == (0, 0), "a repeated receipt changes nothing and is not unknown"
+    s = box.stats()
+    assert s["stored"] == 1 and s["sent_unstored"] == 1 and s["pending"]["routine"] == 2
+    assert box.mark_delivered([seqs[0]]) == 0, "a late PUBACK does not move a stored row back"
+    box.close()
+    box = Outbox(path, keep_until_stored=True)  # the marks survive a reopen
+    assert box.stats()["sent_unstored"] == recount_sent(path) == 1 and box.stats()["stored"] == 1
+    box.close()
+
+
+def test_only_stored_rows_are_pruned_when_receipts_are_required(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite", keep_until_stored=True, max_rows=6)
+    seqs = [box.commit(F(i)) for i in range(4)]
+    ids = _ids(box)
+    box.mark_delivered(seqs)  # all four sent, two of them stored
+    box.mark_stored([ids[seqs[1]], ids[seqs[3]]])
+    urgent = [box.commit(F(10 + i, "urgent")) for i in range(2)]
+    box.commit(F(20))  # 7 rows > 6: the oldest stored row goes, nothing else
+    s = box.stats()
+    assert s["pruned"] == 1 and s["evicted"] == 0 and s["rows"] == 6 and seqs[1] not in _ids(box)
+    box.commit(F(21))
+    box.commit(F(22))  # the second stored row, then the oldest sent-but-unconfirmed routine row (an eviction)
+    s = box.stats()
+    assert s["pruned"] == 2 and s["evicted"] == 1 and box.evicted_ids() == [ids[seqs[0]]]
+    assert s["sent_unstored"] == 1 and set(urgent) <= set(_ids(box))
+    box.close()
+    plain = Outbox(tmp_path / "p.sqlite", max_rows=3)  # without receipts a PUBACK is the end: sent rows prune
+    first = [plain.commit(F(i)) for i in range(3)]
+    plain.mark_delivered(first)
+    plain.commit(F(3))
+    assert plain.stats()["pruned"] == 1 and plain.stats()["evicted"] == 0
+    plain.close()
+
+
+def test_requeue_unstored_at_a_new_connection_and_after_the_receipt_timeout_with_backoff(tmp_path):
+    now = [1_000_000.0]
+    path = tmp_path / "o.sqlite"
+    box = Outbox(path, keep_until_stored=True, clock=lambda: now[0])
+    seqs = [box.commit(F(i, "urgent" if i == 0 else "routine")) for i in range(4)]
+    ids = _ids(box)
+    box.mark_delivered(seqs[:3])  # sent at t0
+    now[0] += 5
+    box.mark_delivered(seqs[3:])  # sent at t0 + 5, i.e. on the new connection below
+    assert box.requeue_unstored(None, sent_before=now[0] - 1) == 3, "what the new connection sent is not in doubt"
+    assert box.depth() == 3 and box.sent_unstored() == 1
+    assert [r.seq for r in box.next_batch(10)] == seqs[:3], "re-sent in publish order, urgent first"
+    # a receipt for the earlier copy still counts while the row waits to be re-sent
+    assert box.mark_stored([ids[seqs[1]]]) == (1, 0) and box.depth() == 2
+    box.mark_delivered([seqs[0], seqs[2]])  # re-sent: PUBACK at t0 + 5
+    now[0] += 119
+    assert box.requeue_unstored(120) == 0
+    now[0] += 2  # 121 s after the last PUBACK of seqs[0], seqs[2] (resends = 1: they wait 240 s) and seqs[3] (120 s)
+    assert box.requeue_unstored(120) == 1 and box.depth() == 1
+    now[0] += 120
+    assert box.requeue_unstored(120) == 2, "a second re-send waits twice as long"
+    s = box.stats()
+    assert s["receipt_requeued"] == 6 and s["sent_unstored"] == recount_sent(path) == 0
+    assert {k: v for k, v in box._read_meta().items() if k.startswith("pending_")} == recount(path)
+    box.close()
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE findings (seq INTEGER PRIMARY KEY, finding_id TEXT NOT NULL UNIQUE, rank INTEGER NOT NULL,
+    created_at REAL NOT NULL, payload TEXT NOT NULL, bytes INTEGER NOT NULL, source_item TEXT UNIQUE,
+    state INTEGER NOT NULL DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 0, delivered_at REAL);
+CREATE INDEX findings_pending ON findings(rank, seq) WHERE state = 0;
+CREATE INDEX findings_delivered ON findings(seq) WHERE state = 1;
+CREATE INDEX findings_delivered_at ON findings(delivered_at) WHERE state = 1;
+CREATE INDEX findings_age ON findings(created_at);
+CREATE TABLE evicted (seq INTEGER PRIMARY KEY, finding_id TEXT NOT NULL, rank INTEGER NOT NULL, reason TEXT NOT NULL,
+    evicted_at REAL NOT NULL);
+"""
+
+
+def test_a_schema_1_outbox_is_migrated_in_place_delivered_rows_become_sent(tmp_path):
+    path = tmp_path / "old.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_SCHEMA)
+    rows = [(i, f"id-{i}", 1, 1000.0 + i, json.dumps(F(i)), 100, None, 1 if i <= 3 else 0, 0, 2000.0 if i <= 3 else None)
+            for i in range(1, 6)]
+    conn.executemany("INSERT INTO findings VALUES (?,?,?,?,?,?,?,?,?,?)", rows)
+    meta = {"schema_version": 1, "next_seq": 6, "rows": 5, "bytes": 500, "pending_rows_1": 2, "pending_bytes_1": 200,
+            "delivered": 3}
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    conn.commit()
+    conn.close()
+    box = Outbox(path, keep_until_stored=True)
+    s = box.stats()
+    assert s["sent_unstored"] == 3 and s["pending"]["routine"] == 2 and s["delivered"] == 3 and s["next_seq"] == 6
+    assert box.finding_ids() == {"id-1": "sent", "id-2": "sent", "id-3": "sent", "id-4": "pending", "id-5": "pending"}
+    assert box.mark_stored(["id-1", "id-4"]) == (1, 1)
+    assert box._read_meta()["schema_version"] == 2
+    box.close()
+    box = Outbox(path, keep_until_stored=True)  # a second open migrates nothing again
+    assert box.stats()["sent_unstored"] == 2 and box.stats()["stored"] == 1
+    assert box.commit(F(9)) == 6
+    box.close()

@@ -36,8 +36,8 @@ class Rig:
         self.tmp = tmp
         self._things: list = []
 
-    def broker(self, persistence: bool = True, extra: str = "", name: str = "broker") -> Broker:
-        b = Broker(self.tmp / name, persistence=persistence, extra=extra)
+    def broker(self, persistence: bool = True, extra: str = "", name: str = "broker", **kw) -> Broker:
+        b = Broker(self.tmp / name, persistence=persistence, extra=extra, **kw)
         self._things.append(("broker", b))
         return b.start()
 
@@ -47,6 +47,7 @@ class Rig:
         return p
 
     def outbox(self, name: str = "outbox.sqlite", **kw) -> Outbox:
+        kw.setdefault("keep_until_stored", True)  # as the daemon runs it (mqtt.require_receipts = true)
         box = Outbox(self.tmp / name, **kw)
         self._things.append(("outbox", box))
         return box
@@ -218,7 +219,7 @@ def test_daemon_sigkilled_mid_stream_and_restarted(rig):
     with Outbox(outbox_path) as box:
         produced = box.finding_ids()
         assert len(produced) == n, "each item is committed exactly once across the crash (source_item)"
-        assert set(produced.values()) == {"delivered"}
+        assert set(produced.values()) == {"stored"}, "every finding confirmed by a hub receipt"
         priorities = {fid: box.payload(seq)["priority"] for fid, seq in _seqs(box).items()}
     wait_until(lambda: len(collected(db)) >= n, 30, what="all findings collected")
     assert_delivered(priorities, collected(db))
@@ -230,25 +231,27 @@ def _seqs(box: Outbox) -> dict[str, int]:
 
 
 @needs_mosquitto
-@pytest.mark.parametrize("persistence", [True, False], ids=["persistent-broker", "volatile-broker"])
-def test_broker_restarted_mid_stream(rig, persistence, monkeypatch):
+@pytest.mark.parametrize("persistence, receipts", [(True, True), (False, False), (False, True)],
+                         ids=["persistent-broker", "volatile-broker-no-receipts", "volatile-broker-receipts"])
+def test_broker_restarted_mid_stream(rig, persistence, receipts, monkeypatch):
     """The hub is slower than the stream, so at the restart the broker holds findings it has acknowledged (PUBACK)
-    but not yet handed to the collector. A persistent broker keeps them; a volatile one loses them, and the device,
-    told by CONNACK that its session is gone, sends the recent ones again. Either way nothing is lost."""
+    but not yet handed to the collector. A persistent broker keeps them; a volatile one loses them. Without receipts
+    the device, told by CONNACK that its session is gone, sends the recent ones again; with receipts it re-sends
+    every finding the hub has not confirmed, at the new connection. Either way nothing is lost."""
     from edge_runtime.collector import CollectorStore
 
     store = CollectorStore.store
 
-    def slow_store(self, messages):
+    def slow_store(self, messages, accepted=None):
         time.sleep(0.2)  # a hub on a slow SD card: about 100 findings/s against a stream of 300/s
-        return store(self, messages)
+        return store(self, messages, accepted)
 
     monkeypatch.setattr(CollectorStore, "store", slow_store)
     broker = rig.broker(persistence=persistence)
     db = rig.tmp / "collector.sqlite"
     col = rig.collector(broker.url, db)
-    box = rig.outbox()
-    up = rig.uplink(box, broker.url, rate_limit=300.0)
+    box = rig.outbox(keep_until_stored=receipts)
+    up = rig.uplink(box, broker.url, rate_limit=300.0, require_receipts=receipts)
     feeder = Feeder(box, 300, pace_s=0.002)
     feeder.start()
     wait_until(lambda: col.counters["stored"] >= 20 and up.counters["acked"] - col.counters["stored"] >= 60, 30,
@@ -260,9 +263,13 @@ def test_broker_restarted_mid_stream(rig, persistence, monkeypatch):
     assert up.stats()["reconnects"] >= 1 and col.counters["connects"] >= 2
     if persistence:
         assert up.counters["new_sessions"] == 1 and up.counters["requeued"] == 0, up.stats()
-    else:
+    elif not receipts:
         assert up.counters["new_sessions"] >= 2 and up.counters["requeued"] >= 60, up.stats()
         assert box.stats()["requeued"] == up.counters["requeued"]
+    else:
+        assert up.counters["new_sessions"] >= 2 and up.counters["requeued"] == 0, up.stats()
+        assert up.counters["receipt_resent"] >= 60 and box.stats()["receipt_requeued"] == up.counters["receipt_resent"]
+        wait_until(lambda: box.stats()["sent_unstored"] == 0, 30, what="every finding confirmed by a receipt")
 
 
 @needs_mosquitto
@@ -272,8 +279,8 @@ def test_no_re_send_when_no_session_is_kept(rig, caplog):
     broker = rig.broker(persistence=False)
     db = rig.tmp / "collector.sqlite"
     col = rig.collector(broker.url, db)
-    box = rig.outbox()
-    up = rig.uplink(box, broker.url, session_expiry_s=0)
+    box = rig.outbox(keep_until_stored=False)  # the re-send on a lost session is the path without receipts
+    up = rig.uplink(box, broker.url, session_expiry_s=0, require_receipts=False)
     produced = produce(box, 20)
     wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
     broker.restart()
@@ -297,7 +304,7 @@ def test_store_full_while_offline(rig, policy):
         box = rig.outbox(max_rows=100)
         up = rig.uplink(box, proxy.url)
         produced = produce_batch(box, 60, priority="routine")
-        wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
+        wait_until(lambda: box.depth() == 0 and box.stats()["stored"] == 60, 20, what="first findings stored")
         proxy.refuse()
         proxy.cut()
         wait_until(lambda: not up.connected, 10, what="link down")
@@ -448,6 +455,262 @@ def test_mutual_tls_and_password(rig):
         wait_until(lambda: up.counters["connect_failures"] >= 1, 15, what="a client without the right credentials refused")
         assert other.depth() == 5 and up.counters["connects"] == 0, up.last_error
     assert "refused the connection: not authorized" in refused[1][1].last_error.lower(), refused[1][1].last_error
+
+
+# ---------------------------------------------------------------- end to end: receipts, link windows, clean stop
+@needs_mosquitto
+@pytest.mark.parametrize("receipts", [True, False], ids=["receipts", "puback-only-control"])
+def test_persistent_broker_killed_while_the_collector_is_away(rig, receipts):
+    """docs/mqtt.md's broker (persistence, autosave_interval 60) killed -9 three times while the collector is away:
+    what it acknowledged since its last snapshot is gone, yet the snapshot holds the device's session, so the
+    CONNACK says session_present = 1. With receipts the device re-sends what the hub never confirmed and nothing is
+    lost; the control (PUBACK is the end) shows that the scenario really loses findings without them."""
+    broker = rig.broker(persistence=True, autosave_interval=60)
+    db = rig.tmp / "collector.sqlite"
+    col = rig.collector(broker.url, db)
+    box = rig.outbox(keep_until_stored=receipts)
+    up = rig.uplink(box, broker.url, require_receipts=receipts)
+    wait_until(lambda: up.connected, 15, what="device connected")
+    broker.stop()  # a clean stop writes the snapshot: both sessions (and the collector's subscription) are in it
+    broker.start()
+    wait_until(lambda: up.counters["connects"] >= 2 and col.subscribed.is_set(), 20, what="both back")
+    col.stop()  # the hub goes away; the broker queues for it
+    rig.release(col)
+    produced: dict[str, str] = {}
+    for k in range(3):
+        produced.update(produce(box, 40, start=40 * k))
+        wait_until(lambda: box.depth() == 0, 20, what=f"batch {k + 1} acknowledged by the broker")
+        connects = up.counters["connects"]
+        broker.kill()
+        broker.start()
+        wait_until(lambda: up.counters["connects"] > connects, 20, what=f"reconnect after kill {k + 1}")
+    assert up.counters["new_sessions"] == 1, "the snapshot kept the device's session: CONNACK session_present = 1"
+    col = rig.collector(broker.url, db)  # the hub comes back
+    if receipts:
+        wait_until(lambda: box.depth() == 0 and box.sent_unstored() == 0, 60, what="every finding confirmed stored")
+        assert_delivered(produced, collected(db))
+        assert up.counters["receipt_resent"] >= 40 and box.stats()["stored"] == len(produced) == 120
+        assert set(box.finding_ids().values()) == {"stored"}
+    else:
+        time.sleep(3.0)  # the collector gets what the broker still holds (nothing more comes): then count
+        assert up.counters["receipt_resent"] == 0
+        lost = set(produced) - {fid for fid, _, _ in collected(db)}
+        assert lost, "the control should lose findings (else this test proves nothing)"
+        assert box.depth() == 0, "without receipts the device believes everything was delivered"
+
+
+@needs_mosquitto
+def test_short_link_windows_between_outages_are_used(rig):
+    """A rural link: outages of a few seconds, then windows of 1-6 s. With the shipped backoff (1 s doubling to 60 s,
+    but capped at reconnect_pending_max_s = 3 s while findings are owed) every window of a few seconds gets a
+    connection; with the plain doubling the device would sleep through them after a few failures."""
+    broker = rig.broker()
+    db = rig.tmp / "collector.sqlite"
+    col = rig.collector(broker.url, db)
+    proxy = rig.proxy(broker.port)
+    proxy.refuse()
+    box = rig.outbox()
+    produced = produce_batch(box, 300)
+    # 25 findings/s: the 300 need about 12 s of link, more than any one window gives
+    up = rig.uplink(box, proxy.url, reconnect_min_s=1.0, reconnect_max_s=60.0, rate_limit=25.0)
+    assert up.cfg.reconnect_pending_max_s == 3.0
+    # six failures: plain doubling would now wait 32-64 s, longer than the whole run of windows below
+    wait_until(lambda: up.counters["connect_failures"] >= 6, 60, what="a long run of failed attempts")
+    used = 0
+    rng = random.Random(21)
+    for window_s in (5.0, 1.5, 4.0, 6.0, 2.0, 5.0):
+        connects = up.counters["connects"]
+        proxy.allow()
+        opened = time.monotonic()
+        while time.monotonic() - opened < window_s and up.counters["connects"] == connects:
+            time.sleep(0.02)
+        if up.counters["connects"] > connects:
+            used += 1
+        time.sleep(max(0.0, window_s - (time.monotonic() - opened)))
+        proxy.refuse()
+        proxy.cut()
+        time.sleep(rng.uniform(2.0, 5.0))  # the outage
+        if box.depth() == 0 and box.sent_unstored() == 0:
+            break
+    assert used >= 3, f"only {used} link windows were used"
+    proxy.allow()
+    wait_until(lambda: box.depth() == 0 and box.sent_unstored() == 0, 60, what="everything confirmed stored")
+    assert_delivered(produced, collected(db))
+    assert col.counters["stored"] == 300
+
+
+@needs_mosquitto
+def test_a_half_open_link_is_noticed_from_unanswered_publishes(rig):
+    """The link stalls (nothing comes back, the TCP connection stays up: a NAT dropped its state, a radio faded).
+    With keepalive 60 s paho would take 60-90 s; the ack timer notices within ack_timeout_s and reconnects."""
+    broker = rig.broker()
+    db = rig.tmp / "collector.sqlite"
+    rig.collector(broker.url, db)
+    proxy = rig.proxy(broker.port)
+    box = rig.outbox()
+    up = rig.uplink(box, proxy.url, keepalive_s=60, ack_timeout_s=3.0)
+    produced = produce_batch(box, 20)
+    wait_until(lambda: box.depth() == 0, 20, what="first findings delivered")
+    proxy.blackhole()
+    stalled = time.monotonic()
+    produced.update(produce(box, 10, start=20))
+    wait_until(lambda: up.counters["half_open"] >= 1, 30, what="the half-open link noticed")
+    noticed_s = time.monotonic() - stalled
+    assert noticed_s < 30, noticed_s  # keepalive would need 60 s or more
+    assert "half-open" in up.last_error or not up.connected
+    proxy.allow()
+    wait_until(lambda: box.depth() == 0 and box.sent_unstored() == 0 and len(collected(db)) >= 30, 30,
+               what="delivery after the link heals")
+    assert_delivered(produced, collected(db))
+
+
+@needs_mosquitto
+def test_a_connect_into_a_stalled_link_gives_up_after_its_timeout(rig):
+    """TCP connects (the proxy accepts) but nothing comes back: the attempt ends at connect_timeout_s and the next
+    one follows within the owed backoff cap, so the link is used soon after it heals."""
+    broker = rig.broker()
+    db = rig.tmp / "collector.sqlite"
+    rig.collector(broker.url, db)
+    proxy = rig.proxy(broker.port)
+    proxy.blackhole()
+    box = rig.outbox()
+    produced = produce_batch(box, 10)
+    up = rig.uplink(box, proxy.url, connect_timeout_s=2.0, reconnect_min_s=0.5, reconnect_max_s=60.0)
+    t0 = time.monotonic()
+    wait_until(lambda: up.counters["connect_failures"] >= 2, 20, what="two stalled attempts")
+    assert "no CONNACK" in up.last_error and time.monotonic() - t0 < 20
+    proxy.allow()
+    wait_until(lambda: box.depth() == 0 and box.sent_unstored() == 0, 30, what="delivery once the link heals")
+    assert_delivered(produced, collected(db))
+
+
+@needs_mosquitto
+@pytest.mark.parametrize("drain_s", [3.0, 0.0], ids=["drain", "no-drain-control"])
+def test_a_clean_stop_publishes_what_is_pending(rig, drain_s):
+    """Findings committed just before SIGTERM: the uplink keeps publishing them for up to drain_on_stop_s while the
+    link is up (here 200/s for 150 findings), and waits for their receipts; without the drain they wait for the
+    next start."""
+    broker = rig.broker()
+    db = rig.tmp / "collector.sqlite"
+    rig.collector(broker.url, db)
+    box = rig.outbox()
+    up = rig.uplink(box, broker.url, rate_limit=200.0, drain_on_stop_s=drain_s)
+    wait_until(lambda: up.connected, 15, what="connected")
+    produced = produce_batch(box, 150)
+    assert up.stop(timeout=drain_s + 5.0)
+    rig.release(up)
+    if drain_s:
+        assert box.depth() == 0 and box.sent_unstored() == 0, box.stats()
+        wait_until(lambda: len(collected(db)) >= 150, 10, what="collected")
+        assert_delivered(produced, collected(db))
+    else:
+        assert box.depth() > 0, "the control should leave findings pending"
+
+
+def _receipt(**body) -> bytes:
+    return json.dumps(body).encode()
+
+
+@needs_mosquitto
+def test_bad_receipts_are_ignored_and_counted_and_cannot_touch_a_never_sent_finding(rig, caplog):
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    broker = rig.broker()
+    box = rig.outbox()
+    produced = produce_batch(box, 5)  # nobody subscribed to findings: they stay pending (0x10), never sent
+    up = rig.uplink(box, broker.url)
+    wait_until(lambda: up.counters["unrouted"] >= 1 and up._subacked, 15, what="unrouted publishes, receipts subscribed")
+    hub = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id="fake-hub", protocol=mqtt.MQTTv5)
+    hub.connect("127.0.0.1", broker.port, 30)
+    hub.loop_start()
+    try:
+        topic = up.topic_receipts
+        pending = sorted(produced)
+        for payload in (b"{not json", _receipt(finding_ids="x"), bytes([0xff, 0xfe])):
+            hub.publish(topic, payload, qos=1).wait_for_publish(5)
+        hub.publish(topic, _receipt(device_id="dev-2", site="site-a", finding_ids=pending), qos=1).wait_for_publish(5)
+        hub.publish("edge/v1/site-a/dev-2/receipts", _receipt(finding_ids=pending), qos=1).wait_for_publish(5)
+        hub.publish(topic, _receipt(device_id="dev-1", site="site-a", finding_ids=pending + ["made-up"]),
+                    qos=1).wait_for_publish(5)
+        wait_until(lambda: up.counters["receipt_unknown"] >= 6, 15, what="the last receipt processed")
+    finally:
+        hub.disconnect()
+        hub.loop_stop()
+    c = up.counters
+    assert c["receipt_malformed"] == 3 and c["receipt_foreign"] == 1 and c["receipts"] == 1, c
+    assert c["receipt_unknown"] == 6 and c["stored"] == 0
+    assert box.depth() == 5 and set(box.finding_ids().values()) == {"pending"}, "never-sent findings untouched"
+    assert sum("malformed receipt" in r.getMessage() for r in caplog.records) == 1, "logged once per connection"
+
+
+def test_the_socket_gets_tcp_user_timeout_and_keepalive(tmp_path):
+    import socket
+
+    if not hasattr(socket, "TCP_USER_TIMEOUT"):
+        pytest.skip("TCP_USER_TIMEOUT is Linux-only")
+    server = socket.create_server(("127.0.0.1", 0))
+    with Outbox(tmp_path / "o.sqlite") as box:
+        up = Uplink(box, mqtt_section(f"mqtt://127.0.0.1:{server.getsockname()[1]}", ack_timeout_s=7.0), IDENTITY)
+        client = up._make_client()
+        client.connect("127.0.0.1", server.getsockname()[1], 30)
+        try:
+            up._tune_socket(client)
+            sock = client.socket()
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 7000
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        finally:
+            client._reset_sockets()
+            server.close()
+
+
+def test_backoff_is_capped_short_while_findings_are_owed(tmp_path):
+    with Outbox(tmp_path / "o.sqlite", keep_until_stored=True) as box:
+        up = Uplink(box, mqtt_section("mqtt://127.0.0.1", reconnect_min_s=1.0, reconnect_max_s=60.0), IDENTITY)
+        assert up._backoff_cap() == 60.0, "nothing owed: the long backoff spares the broker"
+        seqs = [box.commit(fake_finding(i, "routine")) for i in range(2)]
+        assert up._backoff_cap() == 3.0
+        box.mark_delivered(seqs)
+        assert up._backoff_cap() == 3.0, "sent without a receipt is still owed"
+        quiet = Uplink(box, mqtt_section("mqtt://127.0.0.1", reconnect_max_s=60.0, require_receipts=False), IDENTITY)
+        assert quiet._backoff_cap() == 60.0
+    rng = random.Random(5)
+    delays = [backoff_delay(a, 1.0, 3.0, rng) for a in range(40)]
+    assert all(0.5 <= d <= 3.0 for d in delays) and max(delays[5:]) > min(delays[5:]) + 0.5, "capped and jittered"
+
+
+def test_a_network_change_wakes_the_reconnect_wait(tmp_path):
+    import subprocess as sp
+
+    from edge_runtime.uplink import NetworkWatch
+
+    watch = NetworkWatch()
+    if not watch.available:
+        pytest.skip("no rtnetlink socket on this host")
+    address = "127.0.0.211/32"
+    if sp.run(["ip", "addr", "add", address, "dev", "lo"], capture_output=True).returncode != 0:
+        watch.close()
+        pytest.skip("cannot add an address here (needs CAP_NET_ADMIN and iproute2)")
+    try:
+        assert watch.wait(5.0), "an address added to lo is a network change"
+    finally:
+        sp.run(["ip", "addr", "del", address, "dev", "lo"], capture_output=True)
+        watch.close()
+    from mqtt_helpers import free_port
+
+    with Outbox(tmp_path / "o.sqlite") as box:
+        produce_batch(box, 2)
+        up = Uplink(box, mqtt_section(f"mqtt://127.0.0.1:{free_port()}", reconnect_min_s=30.0, reconnect_max_s=30.0,
+                                      reconnect_pending_max_s=30.0), IDENTITY).start()
+        try:
+            wait_until(lambda: up.counters["connect_failures"] >= 1 and up.state == "backoff", 10, what="a long backoff")
+            time.sleep(0.5)
+            sp.run(["ip", "addr", "add", address, "dev", "lo"], capture_output=True)
+            wait_until(lambda: up.counters["connect_failures"] >= 2, 10, what="an early retry after the change")
+            assert up.counters["net_events"] >= 1
+        finally:
+            sp.run(["ip", "addr", "del", address, "dev", "lo"], capture_output=True)
+            up.stop(2.0)
 
 
 # ---------------------------------------------------------------- configuration and start-up
