@@ -269,7 +269,8 @@ class BudgetController:
         self._end_round(current, "passed", now, p95)
         self.last_up = now
         share = current.limit_ms / self.budget_ms
-        return self._switch(above, f"probe p95 {p95:.1f} ms ({len(current.estimates_ms)} probes under the current load) "
+        n = len(current.estimates_ms)
+        return self._switch(above, f"probe p95 {p95:.1f} ms ({n} probes under the current load) "
                                    f"under {share:.0%} of budget {self.budget_ms:.0f} ms")
 
     def _rate_probe_due(self, now: float) -> bool:

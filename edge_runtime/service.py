@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from edge_runtime.budget import BudgetController, Decision, build_levels
+from edge_runtime.budget import BudgetController, Decision, Switch, build_levels
 from edge_runtime.config import Config, SourceSection
 from edge_runtime.engines import resolve_auto
 from edge_runtime.errors import EdgeError, InputError
@@ -252,7 +252,7 @@ class Service:
             self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, finding["priority"])
             self._count_switch(model, src.name, budget, budget.observe(prediction.capture_to_result_ms, service_ms))
             # The finding is committed; with nothing newer waiting, the idle time measures the level above.
-            if not slot.pending and budget.shadow_probe_level() is not None:
+            if not slot.pending and not self.stop_event.is_set() and budget.shadow_probe_level() is not None:
                 self._probe(src, budget, runner, replace(frame, timings_ms={}), progress)
 
     def _probe(self, src: SourceSection, budget: BudgetController, runner: ModelRunner, frame: Frame,
@@ -278,7 +278,7 @@ class Service:
                 self.metrics.budget_probe_rounds.labels(model, src.name, result).inc(count - rounds_before[result])
         self._count_switch(model, src.name, budget, switch)
 
-    def _count_switch(self, model: str, source: str, budget: BudgetController, switch) -> None:
+    def _count_switch(self, model: str, source: str, budget: BudgetController, switch: Switch | None) -> None:
         m = self.metrics
         p95 = budget.p95()
         if p95 is not None:  # none right after a switch: keep the last value rather than show 0

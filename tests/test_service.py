@@ -131,7 +131,8 @@ def test_slow_engine_steps_down_to_the_int8_variant_and_stays(tmp_path, running)
                what="an int8 finding")
     # INT8 has headroom, so FP32 is probed under the load of now, twice (the second after a doubled back-off):
     # 450+ ms does not fit, so it is never stepped up to.
-    wait_until(lambda: failed_rounds(budget, 0) >= 2, 60, what="two failed probe rounds of FP32")
+    wait_until(lambda: failed_rounds(budget, 0) >= 2 or any(s.to_level == 0 for s in list(budget.switches)), 60,
+               what="two failed probe rounds of FP32")
     assert all(s.to_level >= 1 for s in budget.switches), [s.reason for s in budget.switches]
     assert budget.backoff_s[0] >= 4 * budget.dwell_s
     assert sample(service, "edge_budget_probe_rounds_total", model="fetal-head", source="probe", result="failed") >= 2
