@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import CpuMeter, child_entry, latency_stats, quiet_pydicom
+from benchmarks.common import BenchError, CpuMeter, child_entry, latency_stats, quiet_pydicom
 from benchmarks.pipeline import LIVE_MODEL, build_config, read_findings
 
 HOG = "while True: pass"
@@ -73,6 +73,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     if args.quick:
         args.warmup_s, args.hog_at, args.hog_for, args.after = 3.0, 5.0, 12.0, 30.0
+    for name in ("hog_for", "hog_at", "after", "warmup_s", "hogs"):
+        value = getattr(args, name)
+        if value < 0 or (name == "hog_for" and value == 0):
+            raise BenchError(f"--{name.replace('_', '-')}: must be {'positive' if name == 'hog_for' else '0 or more'}, "
+                             f"got {value:g}")
     quiet_pydicom()
     hogs_n = args.hogs or os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="edge-bench-contention-") as tmp:

@@ -67,9 +67,12 @@ def evaluate_targets(results: dict[str, Any], auto_engine: str | None) -> list[d
     if contention:
         rec = contention["recovery"]
         back = rec["back_up_after_hog_stop_s"]
-        targets.append(_target("back at the pre-hog budget level after a CPU hog stops", "<= 30 s",
-                               "not within the window" if back is None else f"{back:.1f} s",
-                               back is not None and back <= 30.0,
+        # Without a step down during the hogs (already at the lowest level: other tenants) nothing was shown.
+        shown = rec["first_step_down_after_hog_start_s"] is not None
+        measured = ("no step down during the hogs" if not shown else "not within the window" if back is None
+                    else f"{back:.1f} s")
+        targets.append(_target("back at the pre-hog budget level after a CPU hog stops", "<= 30 s", measured,
+                               (back is not None and back <= 30.0) if shown else None,
                                f"{contention['hogs']} busy loops for {contention['hog_for_s']:.0f} s; first step down "
                                f"{_f(rec['first_step_down_after_hog_start_s'])} s after they started; deepest level "
                                f"{contention['levels'][rec['deepest_level']]}"))
