@@ -19,8 +19,8 @@ probe, and the current level's window holds only latencies it caused. `probe_sam
 the step up. A round fails as soon as so many probes are over the limit that its p95 cannot fit (two of ten): a
 failed level costs a couple of probes, not a burst of late findings. A level that failed (stepped down from, a
 failed round, an undone step up) is retried after a back-off that doubles from `dwell_s` up to `max_backoff_s`, and
-is forgotten once a step up to it has held for `hold_s`. A step up that misses the budget `abort_misses` times
-anyway is undone at once. Every switch is logged with its reason and recorded with its time.
+is forgotten once a step up to it has held for `hold_s`. A step up that misses the budget `abort_misses` times in
+its first `min_samples` findings anyway is undone at once. Every switch is logged with its reason and recorded with its time.
 """
 from __future__ import annotations
 
@@ -195,7 +195,9 @@ class BudgetController:
         now = self.clock()
         if latency_ms > self.budget_ms:
             self.misses += 1
-            if self.last_up is not None and self.index < len(self.levels) - 1:
+            # Only until the new level has a window of its own: from then on its p95 decides, and three misses in
+            # a window of 60 (5 %, the p95's own line) are not a step up that failed.
+            if self.last_up is not None and self.index < len(self.levels) - 1 and len(self.samples) <= self.min_samples:
                 early = self._abort_step_up()
                 if early is not None:
                     return early
@@ -315,8 +317,9 @@ class BudgetController:
         return self._switch(self.index + 1, reason)
 
     def _abort_step_up(self) -> Switch | None:
-        """A step up that already missed the budget `abort_misses` times is undone at once, without waiting for a
-        full window and the dwell: the probe passed, but the load changed, and that costs a few late findings."""
+        """A step up that misses the budget `abort_misses` times in its first `min_samples` findings is undone at
+        once, without waiting for a full window and the dwell: the probe passed, but the load changed, and that
+        costs a few late findings."""
         over = sum(1 for v in self.samples if v > self.budget_ms)
         if over < self.abort_misses:
             return None

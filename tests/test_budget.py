@@ -359,3 +359,23 @@ def test_one_slow_probe_of_ten_fails_the_round_only_when_it_lifts_the_p95_over_t
     switch = ctl.observe_probe(outlier_ms)
     assert (switch is not None) == passes and ctl.rounds[-1].result == ("passed" if passes else "failed")
     assert ctl.index == (0 if passes else 1)
+
+
+def test_misses_after_the_first_window_are_judged_by_the_p95_not_undone_early():
+    clock = FakeClock()
+    ctl = at_int8_with_headroom(clock)
+    for _ in range(10):
+        ctl.observe_probe(40.0)
+    assert ctl.index == 0
+    misses_before = ctl.misses
+    for _ in range(30):  # the new level has a window of its own
+        clock.advance(0.05)
+        ctl.observe(50.0, 40.0)
+    for i in range(30):  # three misses in its 60 findings: 5 %, not a p95 over budget
+        clock.advance(0.05)
+        ctl.observe(150.0 if i % 10 == 0 else 50.0, 40.0)
+    assert ctl.index == 0 and ctl.misses - misses_before == 3
+    clock.advance(0.05)
+    ctl.observe(150.0, 40.0)
+    ctl.observe(150.0, 40.0)  # five in 60: the p95 is over budget, and the level steps down
+    assert ctl.index == 1 and ctl.switches[-1].reason.startswith("p95")
