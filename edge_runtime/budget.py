@@ -183,8 +183,12 @@ class BudgetController:
         return Decision.RUN
 
     def admit(self, frame_age_ms: float) -> bool:
-        """Should the worker run this frame at the current level? (`decide` without the probe's frames.)"""
-        return self.decide(frame_age_ms) is Decision.RUN
+        """Should the worker run this frame at the current level? For a caller that does not probe: a frame
+        `decide` would probe on counts as skipped by the rate cap, which it is."""
+        decision = self.decide(frame_age_ms)
+        if decision is Decision.PROBE:
+            self.rate_skipped += 1
+        return decision is Decision.RUN
 
     def observe(self, latency_ms: float, service_ms: float | None = None) -> Switch | None:
         """Record one finding's capture->result latency (and the worker's own part of it, `service_ms`);
