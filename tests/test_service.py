@@ -108,10 +108,11 @@ def failed_rounds(budget, level: int) -> int:
     return sum(1 for r in list(budget.rounds) if r.level == level and r.result == "failed")
 
 
-# A budget far above what FP32 needs even on a 2-core machine saturated by other processes (about 60 ms per
-# inference there, at most twice that from capture to result), and a slowdown well past it: the test is about the
-# controller's decisions, not about how fast this machine is today.
-SLOW_BUDGET = PHANTOM.replace("fps = 30", "fps = 30\nbudget_ms = 400")
+# The test is about the controller's decisions, not about how fast this machine is today: a budget far above what
+# FP32 needs even on a 2-core machine shared with busy loops and other test suites (p95 up to about 500 ms from
+# capture to result at 30 fps with a load average of 7.5; 10 fps leaves no queueing), and a slowdown well past it.
+SLOW_BUDGET = PHANTOM.replace("fps = 30", "fps = 10\nbudget_ms = 1000")
+SLOWDOWN_S = 1.2
 
 
 def test_slow_engine_steps_down_to_the_int8_variant_and_stays(tmp_path, running):
@@ -122,22 +123,22 @@ def test_slow_engine_steps_down_to_the_int8_variant_and_stays(tmp_path, running)
     wait_until(lambda: sample(service, "edge_findings_total", model="fetal-head", priority="routine") >= 30, 30,
                what="30 findings at full speed")
     assert budget.index == 0, budget.switches  # without the slowdown, FP32 holds the budget
-    slowed_fp32(service, 0.45)
-    wait_until(lambda: budget.index >= 1, 30, what="a step down")
+    slowed_fp32(service, SLOWDOWN_S)
+    wait_until(lambda: budget.index >= 1, 60, what="a step down")
     assert "int8" in budget.level.variant
     assert budget.switches[0].reason.startswith("p95") and "over budget" in budget.switches[0].reason
     assert sample(service, "edge_variant_switches_total", model="fetal-head", source="probe", direction="down") >= 1
     wait_until(lambda: any(r["model"]["precision"] == "int8" for r in outbox_rows(tmp_path / "state")), 15,
                what="an int8 finding")
     # INT8 has headroom, so FP32 is probed under the load of now, twice (the second after a doubled back-off):
-    # 450+ ms does not fit, so it is never stepped up to.
+    # 1200+ ms does not fit under 700 ms (0.7 x budget), so it is never stepped up to.
     wait_until(lambda: failed_rounds(budget, 0) >= 2 or any(s.to_level == 0 for s in list(budget.switches)), 60,
                what="two failed probe rounds of FP32")
     assert all(s.to_level >= 1 for s in budget.switches), [s.reason for s in budget.switches]
     assert budget.backoff_s[0] >= 4 * budget.dwell_s
     assert sample(service, "edge_budget_probe_rounds_total", model="fetal-head", source="probe", result="failed") >= 2
     assert sample(service, "edge_budget_probes_total", model="fetal-head", source="probe") >= 4
-    # Frames captured while a 450 ms probe ran were skipped, not committed late behind it.
+    # Frames captured while a 1.2 s probe ran were skipped, not committed late behind it.
     assert sample(service, "edge_frames_probe_skipped_total", model="fetal-head", source="probe") >= 1
     # The probes' results are discarded: after the step down every committed finding is INT8.
     precisions = [r["model"]["precision"] for r in outbox_rows(tmp_path / "state")]
@@ -145,12 +146,12 @@ def test_slow_engine_steps_down_to_the_int8_variant_and_stays(tmp_path, running)
 
 
 def test_a_probe_that_fits_under_the_current_load_steps_back_up(tmp_path, running):
-    service = running(write_config(tmp_path, SLOW_BUDGET.replace("fps = 30", "fps = 15")))
+    service = running(write_config(tmp_path, SLOW_BUDGET))
     budget = service.budgets["probe"]
     wait_until(lambda: sample(service, "edge_findings_total", model="fetal-head", priority="routine") >= 20, 30,
                what="20 findings at full speed")
-    restore = slowed_fp32(service, 0.45)
-    wait_until(lambda: budget.index >= 1, 30, what="a step down")
+    restore = slowed_fp32(service, SLOWDOWN_S)
+    wait_until(lambda: budget.index >= 1, 60, what="a step down")
     wait_until(lambda: failed_rounds(budget, 0) >= 1, 60, what="a failed probe round of FP32")
     assert budget.index >= 1
     restore()  # the neighbour that slowed FP32 down has gone
