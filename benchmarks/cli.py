@@ -1,7 +1,7 @@
 """`edge-bench`: run every benchmark in fresh processes, repeated, and write JSON, Markdown and PNG plots.
 
     edge-bench                      # the full run (about 15-20 minutes on 2 cores)
-    edge-bench --quick --out DIR    # every kind, small and once (under 2 minutes): CI checks the output
+    edge-bench --quick --out DIR    # every kind but contention, small and once (under 2 minutes): CI checks it
     edge-bench --only engine,overhead --models fetal-head --engines openvino --threads 1,2,4
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from benchmarks.common import (CHECKOUT, CHEST_CR, CINE, DEFAULT_DATA, PROG, Ben
                                median_run, run_child, summarize)
 from benchmarks.report import evaluate_targets, markdown, plot, validate
 
-RUN_KINDS = ("engine", "overhead", "pipeline", "uplink", "decode", "startup")  # benchmark_app runs with engine
+RUN_KINDS = ("engine", "overhead", "pipeline", "uplink", "decode", "startup", "contention")  # benchmark_app runs with engine
 
 
 @dataclass
@@ -74,7 +74,7 @@ class Run:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Benchmarks of edge-runtime: engines, runtime overhead, the daemon "
                                 "under a live feed, uplink drain and DICOM decode.", epilog=__doc__.split("\n\n")[1])
-    p.add_argument("--quick", action="store_true", help="every kind, small and once: under 2 minutes (CI)")
+    p.add_argument("--quick", action="store_true", help="every kind but contention, small and once: under 2 minutes (CI)")
     p.add_argument("--out", help="output folder (default: benchmarks/results/<date>-<host> in a checkout)")
     p.add_argument("--only", help=f"comma-separated kinds: {','.join(RUN_KINDS)} (default: all)")
     p.add_argument("--models", help="comma-separated model names (default: every installed model)")
@@ -436,8 +436,20 @@ def run_startup(s: Settings, run: Run) -> None:
                                   "exit_status": [x["exit_status"] for x in rs], "variants": rs[0]["variants"]}
 
 
+def run_contention(s: Settings, run: Run) -> None:
+    """Once, not repeated: its busy loops saturate the machine for half a minute, and every scenario after it would
+    start on a machine still cooling down. The quick run leaves it out (it alone needs most of a minute)."""
+    if s.quick:
+        run.skipped.append({"kind": "contention", "reason": "not in the quick run (about a minute on its own): "
+                                                            "python -m benchmarks.contention --quick"})
+        return
+    res = run.child("contention", ["--threads", "2"], 300, "phantom, fp32 configured, busy loops mid-run")
+    if res:
+        run.results["contention"] = res
+
+
 RUNNERS = {"engine": run_engine, "overhead": run_overhead, "pipeline": run_pipeline, "uplink": run_uplink,
-           "decode": run_decode, "startup": run_startup}
+           "decode": run_decode, "startup": run_startup, "contention": run_contention}
 
 
 # ------------------------------------------------------------------ main

@@ -62,6 +62,8 @@ def counters(service, source: str) -> dict[str, float]:
         "budget_misses": value("edge_budget_misses_total", model=LIVE_MODEL),
         "switches_down": value("edge_variant_switches_total", model=LIVE_MODEL, source=source, direction="down"),
         "switches_up": value("edge_variant_switches_total", model=LIVE_MODEL, source=source, direction="up"),
+        "probes": value("edge_budget_probes_total", model=LIVE_MODEL, source=source),
+        "probe_skipped": value("edge_frames_probe_skipped_total", model=LIVE_MODEL, source=source),
         "next_seq": float(service.outbox.stats()["next_seq"]),
     }
 

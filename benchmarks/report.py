@@ -63,6 +63,19 @@ def evaluate_targets(results: dict[str, Any], auto_engine: str | None) -> list[d
                                f"VmHWM of the daemon process, worst scenario ({worst['scenario']}); per scenario MB: {each}"))
     else:
         targets.append(_target("daemon peak RSS, both models loaded", "<= 250 MB", "-", None))
+    contention = results.get("contention")
+    if contention:
+        rec = contention["recovery"]
+        back = rec["back_up_after_hog_stop_s"]
+        # Without a step down during the hogs (already at the lowest level: other tenants) nothing was shown.
+        shown = rec["first_step_down_after_hog_start_s"] is not None
+        measured = ("no step down during the hogs" if not shown else "not within the window" if back is None
+                    else f"{back:.1f} s")
+        targets.append(_target("back at the pre-hog budget level after a CPU hog stops", "<= 30 s", measured,
+                               (back is not None and back <= 30.0) if shown else None,
+                               f"{contention['hogs']} busy loops for {contention['hog_for_s']:.0f} s; first step down "
+                               f"{_f(rec['first_step_down_after_hog_start_s'])} s after they started; deepest level "
+                               f"{contention['levels'][rec['deepest_level']]}"))
     startup = results.get("startup")
     if startup:
         ready = med(startup["ready_s"])
@@ -257,6 +270,8 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
                          else [name, f.get("transfer_syntax", "-"), "-", "-", "-", "error: " + f["error"]]
                          for name, f in r["decode"]["files"].items()])
         lines += ["</details>", ""]
+    if r.get("contention"):
+        lines += contention_lines(r["contention"])
     if r.get("startup"):
         s = r["startup"]
         lines += ["## Startup", "", f"`{s['command']}` from a cold start (new state directory, no compiled-model cache): "
@@ -270,6 +285,30 @@ def markdown(doc: dict[str, Any], plots: list[str]) -> str:
     if plots:
         lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(lines)
+
+
+def contention_lines(c: dict[str, Any]) -> list[str]:
+    rec = c["recovery"]
+    lines = ["## Contention: busy loops mid-run", "", f"The daemon ({c['source']}, {c['precision']} configured, "
+             f"{c['threads']} threads, budget {c['budget_ms']:.0f} ms) with {c['hogs']} busy-loop processes started "
+             f"{c['hog_at_s']:.0f} s into the window and killed {c['hog_for_s']:.0f} s later; {c['after_s']:.0f} s "
+             f"measured after. Level before the hogs: {c['levels'][rec['level_before']]}; deepest: "
+             f"{c['levels'][rec['deepest_level']]}; first step down {_f(rec['first_step_down_after_hog_start_s'])} s "
+             f"after they started; back {_f(rec['back_up_after_hog_stop_s'])} s after they stopped.", ""]
+    lines += _table(["phase", "s", "findings/s", "p50", "p99", "max", "over budget", "variants"],
+                    [[name, _f(p["seconds"], 0), _f(p.get("findings_per_s")),
+                      _f((p.get("latency_ms") or {}).get("p50")), _f((p.get("latency_ms") or {}).get("p99")),
+                      _f((p.get("latency_ms") or {}).get("max")), str(p.get("over_budget", 0)),
+                      ", ".join(f"{v} {n}" for v, n in (p.get("variants") or {}).items())]
+                     for name, p in c["phases"].items()])
+    ctl = c["controller"]
+    lines += [f"Probes {ctl['probes']:g} (rounds: {ctl['rounds_passed']:g} passed, {ctl['rounds_failed']:g} failed, "
+              f"{ctl['rounds_expired']:g} expired); frames skipped because they arrived during a probe: "
+              f"{ctl['probe_skipped']:g}.", ""]
+    lines += _table(["s from hog start", "from", "to", "reason"],
+                    [[_f(s["t_from_hog_start_s"]), c["levels"][s["from"]], c["levels"][s["to"]], s["reason"]]
+                     for s in c["switches"]])
+    return lines
 
 
 # ------------------------------------------------------------------ plots

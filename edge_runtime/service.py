@@ -17,14 +17,14 @@ import signal
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
 from edge_runtime import __version__
-from edge_runtime.budget import BudgetController, build_levels
+from edge_runtime.budget import BudgetController, Decision, Switch, build_levels
 from edge_runtime.config import Config, SourceSection
 from edge_runtime.engines import resolve_auto
 from edge_runtime.errors import EdgeError, InputError
@@ -365,15 +365,23 @@ class Service:
             if frame is None:
                 continue
             m.frames_in.labels(src.name).inc()
-            late_before, rate_before = budget.late, budget.rate_skipped
-            if not budget.admit((time.monotonic() - frame.captured_at) * 1000.0):
+            late_before, rate_before, probe_before = budget.late, budget.rate_skipped, budget.probe_skipped
+            age_ms = (time.monotonic() - frame.captured_at) * 1000.0
+            decision = budget.decide(age_ms, frame.captured_at)
+            if decision is Decision.SKIP:
                 m.frames_late.labels(model, src.name).inc(budget.late - late_before)
                 m.frames_rate_skipped.labels(model, src.name).inc(budget.rate_skipped - rate_before)
+                m.frames_probe_skipped.labels(model, src.name).inc(budget.probe_skipped - probe_before)
+                continue
+            if decision is Decision.PROBE:  # a frame the rate cap skips anyway: measure the level above on it
+                self._probe(src, budget, runner, frame, progress, wait_ms=age_ms)
                 continue
             predictor = runner.get(budget.level.variant)
             progress.start_item()
+            started = time.monotonic()
             try:
                 prediction = predictor.predict(frame)
+                service_ms = (time.monotonic() - started) * 1000.0
                 finding = self._finding(frame, predictor, prediction, budget.budget_ms)
                 self._commit(finding, None)
             except OutboxError as exc:
@@ -388,13 +396,42 @@ class Service:
             finally:
                 progress.end_item()
             self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, finding["priority"])
-            switch = budget.observe(prediction.capture_to_result_ms)
-            p95 = budget.p95()
-            if p95 is not None:  # none right after a switch: keep the last value rather than show 0
-                m.latency_p95.labels(model, src.name).set(p95)
-            if switch is not None:
-                m.variant_switches.labels(model, src.name, "down" if switch.to_level > switch.from_level else "up").inc()
-                m.budget_level.labels(model, src.name).set(switch.to_level)
+            self._count_switch(model, src.name, budget, budget.observe(prediction.capture_to_result_ms, service_ms))
+            # The finding is committed; with nothing newer waiting, the idle time measures the level above.
+            if not slot.pending and not self.stop_event.is_set() and budget.shadow_probe_level() is not None:
+                self._probe(src, budget, runner, replace(frame, timings_ms={}), progress)
+
+    def _probe(self, src: SourceSection, budget: BudgetController, runner: ModelRunner, frame: Frame,
+               progress: Progress, wait_ms: float | None = None) -> None:
+        """Run the level above's variant on `frame` under the load of now, time it, discard its result."""
+        above = budget.levels[budget.index - 1]
+        model = runner.manifest.name
+        progress.start_item()
+        started = time.monotonic()
+        try:
+            runner.get(above.variant).predict(frame)
+            service_ms = (time.monotonic() - started) * 1000.0
+        except EdgeError as exc:  # the level above cannot read what this one reads: it must not be stepped up to
+            log.warning("%s: a budget probe of %s failed: %s", src.name, above.describe(), exc)
+            service_ms = float("inf")
+        finally:
+            progress.end_item()
+        rounds_before = dict(budget.round_counts)
+        switch = budget.observe_probe(service_ms, wait_ms)
+        self.metrics.budget_probes.labels(model, src.name).inc()
+        for result, count in budget.round_counts.items():
+            if count > rounds_before[result]:
+                self.metrics.budget_probe_rounds.labels(model, src.name, result).inc(count - rounds_before[result])
+        self._count_switch(model, src.name, budget, switch)
+
+    def _count_switch(self, model: str, source: str, budget: BudgetController, switch: Switch | None) -> None:
+        m = self.metrics
+        p95 = budget.p95()
+        if p95 is not None:  # none right after a switch: keep the last value rather than show 0
+            m.latency_p95.labels(model, source).set(p95)
+        if switch is not None:
+            m.variant_switches.labels(model, source, "down" if switch.to_level > switch.from_level else "up").inc()
+            m.budget_level.labels(model, source).set(switch.to_level)
 
     def _study_worker(self, src: SourceSection, folder, runner: ModelRunner, progress: Progress) -> None:
         m = self.metrics

@@ -41,5 +41,10 @@ class LatestSlot(Generic[T]):
             self._cond.notify_all()
 
     @property
+    def pending(self) -> bool:
+        """A frame is waiting: the worker has something newer to do than optional work (a budget probe)."""
+        return self._item is not None
+
+    @property
     def closed(self) -> bool:
         return self._closed

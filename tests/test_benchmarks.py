@@ -123,3 +123,26 @@ def test_the_daemon_never_imports_benchmarks() -> None:
     offenders = [str(p.relative_to(REPO)) for p in (REPO / "edge_runtime").rglob("*.py")
                  if "import benchmarks" in p.read_text() or "from benchmarks" in p.read_text()]
     assert offenders == []
+
+
+def test_contention_recovery_times_are_taken_from_the_switches() -> None:
+    from benchmarks.contention import recovery
+
+    switches = [{"at": 101.0, "from": 1, "to": 2}, {"at": 104.0, "from": 2, "to": 3},  # hogs from 100 to 130 s
+                {"at": 135.0, "from": 3, "to": 2}, {"at": 141.5, "from": 2, "to": 1}]
+    rec = recovery(switches, level_before=1, hog_on=100.0, hog_off=130.0, level_at_off=3)
+    assert rec["first_step_down_after_hog_start_s"] == 1.0 and rec["deepest_level"] == 3
+    assert rec["back_up_after_hog_stop_s"] == 11.5 and rec["stepped_down_again_after"] == 0
+    never = recovery(switches[:3], level_before=1, hog_on=100.0, hog_off=130.0, level_at_off=3)
+    assert never["back_up_after_hog_stop_s"] is None  # not back within the window: the target reads as a miss
+    doc = minimal_doc()
+    doc["results"]["contention"] = {
+        "recovery": never, "hogs": 2, "hog_for_s": 30.0, "hog_at_s": 20.0, "after_s": 40.0, "source": "phantom",
+        "precision": "fp32", "threads": 2, "budget_ms": 33.0, "levels": ["fp32", "int8", "int8 @ 15/s", "int8 @ 7.5/s"],
+        "phases": {"before": {"findings": 0, "seconds": 20.0}}, "switches": [],
+        "controller": {"probes": 4, "probe_skipped": 1, "rounds_passed": 0, "rounds_failed": 2, "rounds_expired": 0}}
+    from benchmarks.report import evaluate_targets
+
+    target = next(t for t in evaluate_targets(doc["results"], None) if "hog" in t["target"])
+    assert target["status"] == "MISS" and target["measured"] == "not within the window"
+    assert "## Contention" in markdown(doc, [])
