@@ -16,7 +16,7 @@ from edge_runtime.errors import EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding, to_json
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
-from edge_runtime.imaging.inputs import InputImage, open_input
+from edge_runtime.imaging.inputs import InputImage
 from edge_runtime.registry import ModelRegistry
 
 PROG = "edge-runtime"
@@ -63,6 +63,7 @@ def study_ref(inp: InputImage, key: bytes, frame_index: int) -> StudyRef:
 # ---------------------------------------------------------------- infer
 def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.engines import resolve_auto
+    from edge_runtime.imaging.isolation import DecodePool
     from edge_runtime.pipeline import Predictor
 
     kind = args.engine or config.engine.kind
@@ -75,42 +76,52 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     identity = DeviceIdentity(config.device.id, config.device.site)
     spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
     failed = 0
+    decoder = DecodePool.from_config(config.imaging)  # a decoder crash or hang costs that input only
+    decoder.start()
     for path in args.paths:
         try:
             t_open = time.monotonic()
-            inp = open_input(path, config.imaging.max_pixel_bytes)
-            if inp.modality and manifest.modality and inp.modality not in manifest.modality:
-                raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
-            for index in range(inp.n_frames):
-                captured = t_open if index == 0 else time.monotonic()
-                pixels = inp.frame(index, manifest.windowing)
-                frame = Frame(
-                    pixels=pixels,
-                    source_kind="file",
-                    source_name=path,
-                    captured_at=captured,
-                    study=study_ref(inp, key, index),
-                    pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
-                )
-                frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-                prediction = predictor.predict(frame)
-                finding = build_finding(
-                    identity=identity,
-                    seq=seq.next(),
-                    frame=frame,
-                    model=predictor.ref,
-                    head=prediction.head,
-                    capture_to_result_ms=prediction.capture_to_result_ms,
-                    budget_ms=manifest.latency_budget_ms,
-                )
-                print(to_json(finding), flush=True)
+            with decoder.open(path) as inp:
+                _infer_input(path, inp, t_open, predictor, key, seq, identity, spacing)
         except EdgeError as exc:
             error_line(exc)
             failed += 1
         except Exception as exc:  # a bug on one input must not stop the others; still one line
             error_line(InputError(path, f"internal error {type(exc).__name__}: {exc}"))
             failed += 1
+    decoder.close()
     return 1 if failed else 0
+
+
+def _infer_input(path: str, inp, t_open: float, predictor, key: bytes, seq: SequenceCounter, identity: DeviceIdentity,
+                 spacing: tuple[float, float] | None) -> None:
+    """Print one finding per frame of one opened input."""
+    manifest = predictor.manifest
+    if inp.modality and manifest.modality and inp.modality not in manifest.modality:
+        raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+    for index in range(inp.n_frames):
+        captured = t_open if index == 0 else time.monotonic()
+        pixels = inp.frame(index, manifest.windowing)
+        frame = Frame(
+            pixels=pixels,
+            source_kind="file",
+            source_name=path,
+            captured_at=captured,
+            study=study_ref(inp, key, index),
+            pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
+        )
+        frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
+        prediction = predictor.predict(frame)
+        finding = build_finding(
+            identity=identity,
+            seq=seq.next(),
+            frame=frame,
+            model=predictor.ref,
+            head=prediction.head,
+            capture_to_result_ms=prediction.capture_to_result_ms,
+            budget_ms=manifest.latency_budget_ms,
+        )
+        print(to_json(finding), flush=True)
 
 
 # ---------------------------------------------------------------- models

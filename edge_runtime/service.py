@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import signal
 import threading
@@ -25,7 +24,6 @@ from edge_runtime.errors import EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, build_finding
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
-from edge_runtime.imaging.inputs import open_input
 from edge_runtime.pipeline import Predictor
 from edge_runtime.slot import LatestSlot
 from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
@@ -34,6 +32,7 @@ log = logging.getLogger("edge_runtime.service")
 
 # Counters the outbox and the uplink keep themselves, exported as edge_outbox_* / edge_uplink_* at scrape time.
 OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued")
+DECODE_COUNTERS = ("files", "frames", "refused", "crashes", "timeouts", "restarts")
 UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
                    "connect_failures", "errors", "new_sessions", "requeued")
 
@@ -117,6 +116,9 @@ class Service:
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.alarms: list[str] = []
+        from edge_runtime.imaging.isolation import DecodePool
+
+        self.decoder = DecodePool.from_config(config.imaging)  # study files are untrusted: decoded in workers
 
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -130,6 +132,9 @@ class Service:
         for src in self.config.sources:
             if src.model not in self.runners:
                 self.runners[src.model] = ModelRunner(self, src.model)
+        if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
+            self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
+            self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
@@ -302,21 +307,32 @@ class Service:
             self._alarm(f"cannot move a study file: {exc}")
 
     def _process_study(self, src: SourceSection, item, predictor: Predictor, budget_ms: float, progress: Progress) -> None:
-        manifest = predictor.manifest
         t_open = time.monotonic()
-        inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
+        with self.decoder.open(item.path) as inp:  # a decoder crash or hang costs this file only: InputError
+            self._study_frames(src, item, inp, predictor, budget_ms, progress, t_open)
+
+    def _study_frames(self, src: SourceSection, item, inp, predictor: Predictor, budget_ms: float, progress: Progress,
+                      t_open: float) -> None:
+        manifest = predictor.manifest
         if inp.modality and manifest.modality and inp.modality not in manifest.modality:
             raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+        # The content digest is part of the item: a different image that reuses a SOP Instance UID gets its own
+        # findings instead of vanishing as "already committed"; a byte-identical copy maps onto the same items.
         if inp.meta is not None and inp.meta.instance_uid:
-            base = pseudonym(self.key, inp.meta.instance_uid)
+            base = f"{pseudonym(self.key, inp.meta.instance_uid)}:{inp.sha256[:16]}"
         else:
-            base = "sha256:" + hashlib.sha256(item.path.read_bytes()).hexdigest()
+            base = "sha256:" + inp.sha256
+        items = [f"{base}#{index}" for index in range(inp.n_frames)]
+        committed = [self.outbox.has_source_item(s) for s in items]
+        if all(committed):
+            log.info("%s: %s is byte-identical to an instance already processed (%d finding(s) committed); no new "
+                     "finding", src.name, item.path.name, len(items))
+            return
         for index in range(inp.n_frames):
             if self.stop_event.is_set():
                 raise StudyInterrupted()
             progress.start_item()  # a long multi-frame study is progress frame by frame, not one stuck item
-            source_item = f"{base}#{index}"
-            if self.outbox.has_source_item(source_item):
+            if committed[index]:
                 continue  # committed before a crash: never a second finding
             captured = t_open if index == 0 else time.monotonic()
             meta = inp.meta
@@ -325,12 +341,19 @@ class Service:
                 pseudonym(self.key, meta.series_uid) if meta else "",
                 pseudonym(self.key, meta.instance_uid) if meta else "",
                 inp.modality, index)
-            frame = Frame(inp.frame(index, manifest.windowing), src.kind, item.path.name, captured_at=captured,
+            try:
+                pixels = inp.frame(index, manifest.windowing)
+            except InputError as exc:
+                if index:  # every frame before this one is committed by now
+                    raise InputError(exc.subject, f"{exc.reason} (after {index} of {inp.n_frames} frames were "
+                                                  "committed; their findings stand)") from None
+                raise
+            frame = Frame(pixels, src.kind, item.path.name, captured_at=captured,
                           study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
             prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
-            self._commit(finding, source_item)
+            self._commit(finding, items[index])
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
 
     def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
@@ -421,5 +444,6 @@ class Service:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
+        self.decoder.close()
         self.metrics.shutdown()
         return status
