@@ -216,6 +216,8 @@ class DicomImage:
             check_native_length(self.name, (bits + 7) // 8, len(ds.PixelData))
         self._fast_jpeg: bool | None = None if self._fast_jpeg_eligible() else False  # None: not yet checked
         self._fragments: list[bytes] | None = None
+        if UID(m.transfer_syntax).is_compressed:
+            self._frame_bytes(m.frames - 1)  # a header that promises more frames than the data holds fails here
         self._palette: np.ndarray | None = None  # PALETTE COLOR: the lookup table, once built
         self._palette_built = False
 
@@ -269,6 +271,9 @@ class DicomImage:
                                         "(JPEG holds at most 16 bits)")
         if m.photometric.upper() not in _PHOTOMETRICS:
             raise InputError(self.name, f"impossible header: PhotometricInterpretation {m.photometric!r}")
+        if m.photometric.upper() == "YBR_PARTIAL_420":
+            raise InputError(self.name, "inconsistent header: PhotometricInterpretation YBR_PARTIAL_420 is used only by "
+                                        f"MPEG video, not {tsyntax.name}")
         if tsyntax in _J2K and m.photometric.upper() not in _J2K_PHOTOMETRICS:
             raise InputError(self.name, f"inconsistent header: PhotometricInterpretation {m.photometric} cannot be "
                                         f"held in {tsyntax.name}")
@@ -324,7 +329,7 @@ class DicomImage:
             raise InputError(self.name, f"inconsistent: the header says {m.rows} x {m.cols} x {m.samples_per_pixel} "
                                         f"samples, the {tsyntax.name} data of frame {index} holds {rows} x {cols} x "
                                         f"{comps}")
-        if bits > m.bits_allocated:
+        if bits > m.bits_allocated or (m.bits_allocated > 16 and bits <= 16):
             raise InputError(self.name, f"inconsistent: the header says BitsAllocated = {m.bits_allocated}, the "
                                         f"{tsyntax.name} data of frame {index} holds {bits}-bit samples")
 
