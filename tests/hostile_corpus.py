@@ -171,7 +171,8 @@ def _deflate_bomb(template, inflated_bytes: int) -> bytes:
     meta.is_little_endian, meta.is_implicit_VR = True, False
     body.is_little_endian, body.is_implicit_VR = True, False
     write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    del ds.PixelData
+    if "PixelData" in ds:
+        del ds.PixelData
     write_dataset(body, ds)
     packer = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
     parts = [bytes(128), b"DICM", meta.getvalue(), packer.compress(body.getvalue()),

@@ -162,3 +162,37 @@ def test_a_file_that_crashes_the_daemon_ends_the_crash_loop(tmp_path):
     assert "stopped while processing" in (src.quarantine_dir / "crasher.dcm.reason.txt").read_text()
     item.done()
     assert restart().next_item() is None
+
+
+def test_c_echo_answers_allowed_callers_only(scp):
+    from edge_runtime.sources.dicom_scp import echo
+
+    assert echo("127.0.0.1", scp.port, "EDGE", "DETECTOR") == ""
+    assert "rejected" in echo("127.0.0.1", scp.port, "EDGE", "STRANGER")
+
+
+@pytest.mark.skipif(shutil.which("echoscu") is None, reason="dcmtk's echoscu not installed (apt-get install dcmtk)")
+def test_dcmtk_echoscu_works(scp):
+    r = subprocess.run(["echoscu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_shared
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu not installed (apt-get install dcmtk)")
+def test_dcmtk_storescu_with_hostile_files_leaves_the_scp_up(scp, tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hostile_corpus import _header_edit
+
+    bad = []
+    for edit in ("cols+1", "frames=-1", "samples=4"):  # uncompressed: storescu sends it without converting
+        ds = _header_edit(pydicom.dcmread(DICOM_DIR / "pydicom-data" / "US1_UNCR.dcm"), edit)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        path = tmp_path / f"{edit.replace('=', '_')}.dcm"
+        ds.save_as(path)
+        bad.append(str(path))
+    r = subprocess.run(["storescu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port), *bad],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len([p for p in (tmp_path / "inbox").iterdir() if p.suffix == ".dcm"]) == 3
+    subprocess.run(["echoscu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port)], check=True, timeout=60)
