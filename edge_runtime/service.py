@@ -316,6 +316,8 @@ class Service:
         manifest = predictor.manifest
         if inp.modality and manifest.modality and inp.modality not in manifest.modality:
             raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+        inp.start_digest()
+        first = inp.frame(0, manifest.windowing)  # decoded while the file is hashed; wasted only on a duplicate
         # The content digest is part of the item: a different image that reuses a SOP Instance UID gets its own
         # findings instead of vanishing as "already committed"; a byte-identical copy maps onto the same items.
         if inp.meta is not None and inp.meta.instance_uid:
@@ -342,7 +344,7 @@ class Service:
                 pseudonym(self.key, meta.instance_uid) if meta else "",
                 inp.modality, index)
             try:
-                pixels = inp.frame(index, manifest.windowing)
+                pixels = first if index == 0 else inp.frame(index, manifest.windowing)
             except InputError as exc:
                 if index:  # every frame before this one is committed by now
                     raise InputError(exc.subject, f"{exc.reason} (after {index} of {inp.n_frames} frames were "
@@ -444,6 +446,7 @@ class Service:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
-        self.decoder.close()
+        if not busy:
+            self.decoder.close()  # a worker thread still decoding would read the closed pool as a crashed decoder
         self.metrics.shutdown()
         return status

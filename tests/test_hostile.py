@@ -119,3 +119,94 @@ def test_image_bombs_are_refused_from_their_headers(tmp_path):
         with pytest.raises(InputError, match="progressive JPEG needs about"):
             pool.open(jpeg)
         assert pool.stats()["crashes"] == 0
+
+
+# ---------------------------------------------------------------- the daemon's study path, no silent outcome
+def _service_config(tmp_path: Path, inbox: Path, model: str) -> Path:
+    path = tmp_path / "edge.toml"
+    path.write_text(f'[device]\nid = "d"\nsite = "s"\nstate_dir = "{tmp_path / "state"}"\n\n'
+                    '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n\n'
+                    '[service]\nmetrics_port = 0\nstop_timeout_s = 10\n\n'
+                    f'[[sources]]\nname = "inbox"\nkind = "dicom-folder"\nmodel = "{model}"\ninbox = "{inbox}"\n')
+    return path
+
+
+def _rows(state: Path) -> list[dict]:
+    import json
+    import sqlite3
+
+    conn = sqlite3.connect(state / "outbox.sqlite")
+    try:
+        return [json.loads(p) for (p,) in conn.execute("SELECT payload FROM findings ORDER BY seq")]
+    finally:
+        conn.close()
+
+
+def _wait(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@needs_shared
+def test_duplicates_an_identical_copy_is_logged_a_reused_uid_gets_its_own_finding(tmp_path, caplog):
+    import logging
+
+    import pydicom
+
+    from edge_runtime.config import load_config
+    from edge_runtime.service import Service
+
+    caplog.set_level(logging.INFO, logger="edge_runtime.service")
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    service = Service(load_config(_service_config(tmp_path, inbox, "cxr-pneumonia")))
+    service.start()
+    done = tmp_path / "inbox-done"
+    try:
+        (inbox / "a.dcm").write_bytes(CR_CHEST.read_bytes())
+        _wait(lambda: (done / "a.dcm").exists(), 120, "a.dcm in done/")
+        (inbox / "b.dcm").write_bytes(CR_CHEST.read_bytes())
+        _wait(lambda: (done / "b.dcm").exists(), 120, "the identical copy in done/")
+        assert len(_rows(tmp_path / "state")) == 1
+        assert any("byte-identical" in r.getMessage() and "b.dcm" in r.getMessage() for r in caplog.records)
+        other = pydicom.dcmread(DICOM_DIR / "pydicom-data" / "RG3_J2KI.dcm")
+        other.SOPInstanceUID = pydicom.dcmread(CR_CHEST, stop_before_pixels=True).SOPInstanceUID
+        other.save_as(inbox / "c.dcm")
+        _wait(lambda: (done / "c.dcm").exists(), 120, "the reused UID in done/")
+        rows = _rows(tmp_path / "state")
+        assert len(rows) == 2, "a different image under a seen SOP Instance UID gets its own finding"
+        assert rows[0]["study"]["instance_id"] == rows[1]["study"]["instance_id"]
+    finally:
+        service.stop()
+
+
+@needs_shared
+def test_a_multi_frame_file_broken_after_some_frames_says_how_many_were_committed(tmp_path):
+    import pydicom
+    from hostile_corpus import _items
+    from pydicom.encaps import generate_frames
+
+    from edge_runtime.config import load_config
+    from edge_runtime.service import Service
+
+    ds = pydicom.dcmread(DICOM_DIR / "pydicom-data" / "examples_ybr_color.dcm")  # 30 JPEG frames
+    frames = list(generate_frames(ds.PixelData, number_of_frames=30))
+    frames[10] = frames[10][:-100]  # frame 10 lost its end in transfer
+    ds.PixelData = _items(frames)
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    ds.save_as(inbox / "cine.dcm")
+    service = Service(load_config(_service_config(tmp_path, inbox, "fetal-head")))
+    service.start()
+    try:
+        reason = tmp_path / "inbox-quarantine" / "cine.dcm.reason.txt"
+        _wait(reason.exists, 180, "the quarantine reason")
+        text = reason.read_text()
+        assert "frame 10 is truncated" in text and "after 10 of 30 frames were committed" in text, text
+        assert sorted(r["study"]["frame_index"] for r in _rows(tmp_path / "state")) == list(range(10))
+    finally:
+        service.stop()

@@ -180,10 +180,23 @@ class _Server:
         raise RuntimeError(f"unknown request {op!r}")
 
 
+def _die_with_parent() -> None:
+    """A worker stuck in a decoder would outlive a killed daemon; Linux ends it with the parent (PR_SET_PDEATHSIG).
+    Elsewhere the worker ends at its next read of the closed socket."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def main(argv: list[str]) -> int:
     from multiprocessing.connection import Connection
 
     fd, capture_path, frames_path, memory_bytes, limits_json = int(argv[0]), argv[1], argv[2], int(argv[3]), argv[4]
+    _die_with_parent()
     conn = Connection(fd)
     # The decoders are imported before the limit is set, so the limit bounds what decoding adds.
     import cv2

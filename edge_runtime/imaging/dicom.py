@@ -213,7 +213,9 @@ class DicomImage:
         self._check_decoder(UID(self.meta.transfer_syntax))
         if not UID(m.transfer_syntax).is_compressed:
             bits = m.rows * m.cols * m.frames * m.samples_per_pixel * m.bits_allocated
-            check_native_length(self.name, (bits + 7) // 8, len(ds.PixelData))
+            layout = (f"{m.rows} x {m.cols} x {m.frames} frame(s) x {m.samples_per_pixel} sample(s) x "
+                      f"{m.bits_allocated} bits")
+            check_native_length(self.name, (bits + 7) // 8, len(ds.PixelData), layout)
         self._fast_jpeg: bool | None = None if self._fast_jpeg_eligible() else False  # None: not yet checked
         self._fragments: list[bytes] | None = None
         if UID(m.transfer_syntax).is_compressed:

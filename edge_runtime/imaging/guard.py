@@ -73,11 +73,11 @@ def check_dicom_peak(name: str, rows: int, cols: int, samples: int, bits_allocat
                                f"{_mib(limits.max_decode_bytes)} (imaging.max_decode_bytes)")
 
 
-def check_native_length(name: str, expected: int, held: int) -> None:
-    """Uncompressed pixel data shorter than the header says: cut off in transfer, not an image."""
+def check_native_length(name: str, expected: int, held: int, layout: str) -> None:
+    """Uncompressed pixel data shorter than the header says: cut off in transfer (or a wrong header), not an image."""
     if held < expected:
-        raise InputError(name, f"truncated: the header says {expected} bytes of pixel data, the file holds {held} "
-                               "(cut off in transfer?)")
+        raise InputError(name, f"truncated or inconsistent: the header says {layout} = {expected} bytes of pixel data, "
+                               f"the file holds {held} (cut off in transfer, or a wrong header)")
 
 
 def check_deflated(name: str, path: Path, dataset_offset: int, limits: DecodeLimits) -> None:

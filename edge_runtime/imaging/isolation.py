@@ -103,9 +103,6 @@ class DecodeWorker:
         except OSError:
             raise WorkerLost(self._death(what)) from None
 
-    def answer(self, timeout_s: float, what: str) -> dict:
-        return self._receive(timeout_s, what)
-
     def request(self, message: dict, timeout_s: float, what: str) -> dict:
         self.send(message, what)
         return self._receive(timeout_s, what)
@@ -209,16 +206,40 @@ def _decoder_name(kind: str, meta: DicomMeta | None) -> str:
 class IsolatedInput:
     """A file opened in a decode worker: the interface of InputImage, frames fetched one by one."""
 
-    def __init__(self, pool: DecodePool, worker: DecodeWorker, name: str, reply: dict, sha256: str) -> None:
+    def __init__(self, pool: DecodePool, worker: DecodeWorker, name: str, reply: dict, path: Path) -> None:
         self._pool, self._worker = pool, worker
         self.name = name
+        self.path = path
         self.kind: str = reply["kind"]
         self.n_frames: int = int(reply["n_frames"])
-        self.sha256 = sha256  # of the whole file: a reused SOP Instance UID with other content is another item
+        self._digest: str | None = None
+        self._digest_thread: threading.Thread | None = None
         meta = reply.get("meta")
         self.meta: DicomMeta | None = DicomMeta(**{**meta, "pixel_spacing_mm": _pair(meta["pixel_spacing_mm"])}) \
             if meta else None
         self.decoder = _decoder_name(self.kind, self.meta)
+
+    def start_digest(self) -> None:
+        """Hash the file in a thread while the worker decodes the first frame (hashlib releases the GIL): a 7 MB
+        radiograph's sha256 costs about 4 ms, hidden behind its decode on two cores."""
+        if self._digest_thread is None and self._digest is None:
+            self._digest_thread = threading.Thread(target=self._hash, name="digest", daemon=True)
+            self._digest_thread.start()
+
+    def _hash(self) -> None:
+        try:
+            self._digest = file_sha256(self.path)
+        except OSError:
+            self._digest = ""  # the file vanished under us: the caller's next step on it says so
+
+    @property
+    def sha256(self) -> str:
+        """Of the whole file: a reused SOP Instance UID with other content is another study item."""
+        if self._digest is None:
+            self.start_digest()
+        if self._digest_thread is not None:
+            self._digest_thread.join()
+        return self._digest or ""
 
     @property
     def modality(self) -> str:
@@ -314,24 +335,17 @@ class DecodePool:
         self.start()
         worker = self._idle.get()
         try:
-            what = f"opening it as {kind.upper()}"
-            worker.send({"op": "open", "path": str(Path(path).resolve())}, what)
-            digest = file_sha256(Path(path))  # while the worker reads the header: on two cores this is free
-            reply = self._call(worker, None, name, what)
-        except WorkerLost as exc:
-            self._lost(worker, exc)
-            self._release(worker)
-            raise InputError(name, exc.reason) from None
+            reply = self._call(worker, {"op": "open", "path": str(Path(path).resolve())}, name,
+                               f"opening it as {kind.upper()}")
         except BaseException:
             self._release(worker)
             raise
         self.counts["files"] += 1
-        return IsolatedInput(self, worker, name, reply, digest)
+        return IsolatedInput(self, worker, name, reply, Path(path))
 
-    def _call(self, worker: DecodeWorker, message: dict | None, name: str, what: str) -> dict:
-        """One request (or, with `message` None, the answer to one already sent)."""
+    def _call(self, worker: DecodeWorker, message: dict, name: str, what: str) -> dict:
         try:
-            reply = worker.request(message, self.timeout_s, what) if message else worker.answer(self.timeout_s, what)
+            reply = worker.request(message, self.timeout_s, what)
         except WorkerLost as exc:
             self._lost(worker, exc)
             raise InputError(name, exc.reason) from None
@@ -341,7 +355,7 @@ class DecodePool:
         if not reply.get("ok"):
             self.counts["refused"] += 1
             raise InputError(name, reply.get("reason") or "refused by the decode worker")
-        if message and message["op"] == "frame":
+        if message["op"] == "frame":
             self.counts["frames"] += 1
         return reply
 
