@@ -77,7 +77,13 @@ def test_a_decoder_crash_is_a_reason_naming_the_signal_and_the_next_file_decodes
             pool.open(SMALL_US)
         with pool.open(SMALL_US) as inp:
             assert inp.frame(0).shape == (480, 640, 3)
-        assert pool.stats()["crashes"] == 1 and pool.stats()["restarts"] == 1
+        with pool.open(CR_CHEST) as inp:  # a crash in the middle of a file names the frame and the decoder
+            os.kill(pool._all[0].proc.pid, signal.SIGSEGV)
+            with pytest.raises(InputError, match=r"crashed with SIGSEGV while decoding frame 0 with JPEG 2000"):
+                inp.frame(0)
+        with pool.open(SMALL_US) as inp:
+            assert inp.frame(0).shape == (480, 640, 3)
+        assert pool.stats()["crashes"] == 2 and pool.stats()["restarts"] == 2
 
 
 @needs_shared
@@ -180,6 +186,7 @@ def test_duplicates_an_identical_copy_is_logged_a_reused_uid_gets_its_own_findin
         rows = _rows(tmp_path / "state")
         assert len(rows) == 2, "a different image under a seen SOP Instance UID gets its own finding"
         assert rows[0]["study"]["instance_id"] == rows[1]["study"]["instance_id"]
+        assert service.metrics.registry.get_sample_value("edge_decode_files_total") == 3
     finally:
         service.stop()
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -196,3 +197,23 @@ def test_dcmtk_storescu_with_hostile_files_leaves_the_scp_up(scp, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     assert len([p for p in (tmp_path / "inbox").iterdir() if p.suffix == ".dcm"]) == 3
     subprocess.run(["echoscu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port)], check=True, timeout=60)
+
+
+def test_doctor_echoes_the_configured_scp(scp, tmp_path):
+    from edge_runtime.config import load_config
+    from edge_runtime.doctor import scp_checks
+
+    def config(port: int):
+        path = tmp_path / f"edge-{port}.toml"
+        path.write_text(f'[[sources]]\nname = "xray"\nkind = "dicom-scp"\nmodel = "cxr-pneumonia"\n'
+                        f'inbox = "{tmp_path / "inbox"}"\nae_title = "EDGE"\nport = {port}\n'
+                        'allowed_callers = ["DETECTOR"]\n')
+        return load_config(path)
+
+    [up] = scp_checks(config(scp.port))
+    assert up["status"] == "ok" and "answered as DETECTOR" in up["detail"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    [down] = scp_checks(config(free))
+    assert down["status"] == "warn" and "is the daemon running?" in down["detail"]
