@@ -50,8 +50,7 @@ def measure(rounds: int, folder: Path) -> dict:
     results = {}
     with DecodePool(timeout_s=300) as pool:
         t0 = time.perf_counter()
-        pool.start()
-        pool._all[0].wait_ready()
+        pool.wait_ready()
         start_ms = (time.perf_counter() - t0) * 1000.0
         for name in FILES:
             path = folder / name

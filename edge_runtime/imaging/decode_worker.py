@@ -18,7 +18,10 @@ import sys
 
 # One thread per library: the worker decodes one file at a time and must not compete with the engine for cores.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
-              "OPENCV_FOR_THREADS_NUM": "1", "PYTHONWARNINGS": "always"}
+              "OPENCV_FOR_THREADS_NUM": "1"}
+
+
+_CAPTURE_MAX = 1 << 20  # the captured output file is emptied past this (its notes were already taken)
 
 
 def _vm_bytes(field: str) -> int:
@@ -94,7 +97,11 @@ class _Notes:
     def take(self, caught: list) -> list[str]:
         sys.stdout.flush()
         sys.stderr.flush()
-        native = self._capture.read().decode("utf-8", "replace")
+        native = self._capture.read(1 << 16).decode("utf-8", "replace")
+        self._capture.seek(0, os.SEEK_END)
+        if self._capture.tell() > _CAPTURE_MAX:  # the file is opened O_APPEND: writers carry on at the new end
+            os.truncate(self._capture.name, 0)
+            self._capture.seek(0)
         notes = [line.strip() for line in native.splitlines() if line.strip()]
         notes += [f"{w.category.__name__}: {w.message}" for w in caught]
         notes += self.records
@@ -103,8 +110,9 @@ class _Notes:
 
 
 class _Server:
-    def __init__(self, conn, capture_path: str, frames_path: str, limits) -> None:
+    def __init__(self, conn, capture_path: str, frames_path: str, limits, limit: int) -> None:
         self.conn = conn
+        self.limit = limit  # RLIMIT_AS in force (0 = none)
         self.limits = limits
         self.notes = _Notes(capture_path)
         self.frames = FrameBuffer(frames_path)
@@ -142,6 +150,8 @@ class _Server:
             except Exception as exc:  # a decoder bug on hostile data is this file's problem, told readably
                 error = f"decoder failed: {decode_failure(exc)}"
             notes = self.notes.take(caught)
+        if error is not None and request["op"] == "frame":
+            error = self.memory_reason() or error
         if error is None and request["op"] != "stats":
             broken = corruption_note(notes)
             if broken is not None:
@@ -155,6 +165,21 @@ class _Server:
             self.frames.write(pixels)
         reply.update(ok=True, notes=notes)
         self.send(reply)
+
+    def memory_reason(self) -> str | None:
+        """Decoder plugins report a failed allocation as anything (pydicom: "'NoneType' object has no attribute
+        'encode'", or nothing): when the frame's estimated peak does not fit in what the limit leaves, say so."""
+        from edge_runtime.imaging.guard import dicom_frame_peak_bytes
+
+        dicom = getattr(self.inp, "dicom", None)
+        if not self.limit or dicom is None:
+            return None
+        m = dicom.meta
+        need = dicom_frame_peak_bytes(m.rows, m.cols, m.samples_per_pixel, m.bits_allocated, 0)
+        if _vm_bytes("VmSize") + need <= self.limit:
+            return None
+        return (f"decoding a frame needs about {need >> 20} MiB, more than the decode worker has left under its limit "
+                "(imaging.decode_worker_memory_bytes)")
 
     def run(self, request: dict):
         import numpy as np
@@ -209,7 +234,7 @@ def main(argv: list[str]) -> int:
     cv2.setNumThreads(1)
     limit = limit_memory(memory_bytes)
     conn.send_bytes(json.dumps({"ok": True, "ready": os.getpid(), "limit": limit}).encode())
-    _Server(conn, capture_path, frames_path, DecodeLimits(**json.loads(limits_json))).serve()
+    _Server(conn, capture_path, frames_path, DecodeLimits(**json.loads(limits_json)), limit).serve()
     return 0
 
 

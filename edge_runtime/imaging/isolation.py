@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +68,9 @@ class DecodeWorker:
         from multiprocessing.connection import Connection
 
         ours, theirs = socket.socketpair()
-        fd, name = tempfile.mkstemp(prefix="edge-decode-", suffix=".log")
+        tmp_fd, name = tempfile.mkstemp(prefix="edge-decode-", suffix=".log")
+        os.close(tmp_fd)
+        fd = os.open(name, os.O_WRONLY | os.O_APPEND)  # append: the worker may empty the file under its writers
         self.capture = Path(name)
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         frames_fd, frames_name = tempfile.mkstemp(prefix="edge-decode-", suffix=".frames", dir=shm)
@@ -132,9 +134,10 @@ class DecodeWorker:
         code = self.proc.wait(timeout=10) if self.proc is not None else None
         native = self._native()
         said = f": {first_line(native[-1])}" if native else ""
-        for line in native:  # GDCM: "terminate called ...", then the source line and the failed assertion
+        for i, line in enumerate(native):  # GDCM: "terminate called ...", then the source line and the assertion
             if ".cxx:" in line or ".cpp:" in line or "what():" in line:
-                said = ": " + first_line(" ".join(native[native.index(line):native.index(line) + 2]))
+                text = re.sub(r"what\(\):\s*|/\S*/", "", " ".join(native[i:i + 2]))  # no build paths
+                said = ": " + first_line(text)
                 break
         if code is not None and code < 0:
             try:
@@ -151,6 +154,8 @@ class DecodeWorker:
             return []
         try:
             with open(self.capture, "rb") as fh:
+                if os.fstat(fh.fileno()).st_size < self._capture_pos:
+                    self._capture_pos = 0  # the worker emptied it
                 fh.seek(self._capture_pos)
                 text = fh.read(1 << 16)
                 self._capture_pos = fh.tell()
@@ -374,6 +379,17 @@ class DecodePool:
         else:
             self._idle.put(worker)
 
+    def wait_ready(self) -> None:
+        """Start the pool and wait until its workers have imported their decoders (benchmarks, tests)."""
+        self.start()
+        held = [self._idle.get() for _ in range(self.size)]
+        try:
+            for worker in held:
+                worker.wait_ready()
+        finally:
+            for worker in held:
+                self._idle.put(worker)
+
     def stats(self) -> dict:
         return dict(self.counts, workers=sum(1 for w in self._all if w.alive()))
 
@@ -404,16 +420,3 @@ class DecodePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def wait_until_ready(pool: DecodePool, timeout_s: float = _START_TIMEOUT_S) -> bool:
-    """For tests and benchmarks: every idle worker has finished its imports."""
-    deadline = time.monotonic() + timeout_s
-    for worker in list(pool._all):
-        try:
-            worker.wait_ready()
-        except WorkerLost:
-            return False
-        if time.monotonic() > deadline:
-            return False
-    return True
