@@ -56,6 +56,9 @@ class FrameBuffer:
             self._size = size
         return memoryview(self._map)[:nbytes]
 
+    def size(self) -> int:
+        return os.fstat(self._fd).st_size
+
     def write(self, pixels) -> None:
         self.view(pixels.nbytes)[:] = memoryview(pixels).cast("B")
 

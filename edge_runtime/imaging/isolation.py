@@ -109,8 +109,11 @@ class DecodeWorker:
         self.send(message, what)
         return self._receive(timeout_s, what)
 
-    def pixels(self, nbytes: int) -> bytearray:
-        """A copy of the frame the worker just wrote: the buffer is overwritten by its next frame."""
+    def pixels(self, nbytes: int, what: str) -> bytearray:
+        """A copy of the frame the worker just wrote: the buffer is overwritten by its next frame. The worker is not
+        trusted to say its size: it must have written that much."""
+        if nbytes > self.frames.size():
+            raise WorkerLost(f"the decode worker announced {nbytes} bytes for {what} but wrote {self.frames.size()}")
         return bytearray(self.frames.view(nbytes))
 
     def _receive(self, timeout_s: float, what: str) -> dict:
@@ -131,7 +134,13 @@ class DecodeWorker:
                f"the decoder was stopped{tail}"
 
     def _death(self, what: str) -> str:
-        code = self.proc.wait(timeout=10) if self.proc is not None else None
+        code = None
+        if self.proc is not None:
+            try:
+                code = self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # its socket broke but it lives on: end it
+                self.kill()
+                code = self.proc.returncode
         native = self._native()
         said = f": {first_line(native[-1])}" if native else ""
         for i, line in enumerate(native):  # GDCM: "terminate called ...", then the source line and the assertion
@@ -264,7 +273,12 @@ class IsolatedInput:
         if dtype != np.uint8 or len(shape) not in (2, 3):
             raise InputError(self.name, f"decode worker returned a {dtype} frame of shape {shape}")
         nbytes = int(np.prod(shape)) * dtype.itemsize
-        return np.frombuffer(self._worker.pixels(nbytes), dtype).reshape(shape)
+        try:
+            pixels = self._worker.pixels(nbytes, what)
+        except WorkerLost as exc:
+            self._pool._lost(self._worker, exc)
+            raise InputError(self.name, exc.reason) from None
+        return np.frombuffer(pixels, dtype).reshape(shape)
 
     def frames(self, windowing: str = "voi"):
         for i in range(self.n_frames):
