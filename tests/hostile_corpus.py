@@ -1,8 +1,8 @@
 """A deterministic corpus of hostile and broken inputs, built at test time from the shared DICOM, PNG and JPEG files.
 
 Nothing here is committed as data: `build_corpus(out)` writes the files into a temporary folder. Each file name starts
-with its class (`trunc`, `flip`, `header`, `frag`, `deep`, `deflate-bomb`, `png-bomb`, `jpeg-bomb`, `dup-same`,
-`dup-uid`, `junk`), so a test can check each class's outcome. `EXPECT_REFUSED` lists the classes that must never
+with its class (`trunc`, `flip`, `header`, `frag`, `deep`, `crash`, `deflate-bomb`, `png-bomb`, `jpeg-bomb`,
+`dup-same`, `dup-uid`, `junk`), so a test can check each class's outcome. `EXPECT_REFUSED` lists the classes that must never
 get a finding.
 
     python tests/hostile_corpus.py --out /tmp/corpus --count 1000      # build a corpus of >= 1,000 files
@@ -30,7 +30,10 @@ QUICK_DICOM = ("pydicom-data/US1_J2KR.dcm", "pydicom-data/RG3_J2KI.dcm", "pylibj
                "pydicom-data/JPGLosslessP14SV1_1s_1f_8b.dcm")
 
 # Classes that are broken by construction: a finding for any of them is a wrong answer.
-EXPECT_REFUSED = ("trunc", "header", "frag", "deep", "deflate-bomb", "png-bomb", "jpeg-bomb", "junk")
+EXPECT_REFUSED = ("trunc", "header", "frag", "deep", "deflate-bomb", "png-bomb", "jpeg-bomb", "junk", "crash")
+# Seeds of _stream_header_flips that abort GDCM (SIGABRT) on these files, with this package's guards in place.
+CRASH_SEEDS = {"JPEGExtended_3s_1f_u_08_08": (151, 466, 641, 655, 697, 851, 886, 1852),
+               "JPGLosslessP14SV1_1s_1f_8b": (460, 523, 607, 838, 866, 950, 1118, 1132, 1433, 1447, 1727)}
 # A bit flip may land in a header byte nobody reads or change pixel values only: a finding is then right.
 MAY_SUCCEED = ("flip", "dup-same", "dup-uid")
 
@@ -60,6 +63,19 @@ def _flip(data: bytes, seed: int, start: int, flips: int = 24) -> bytes:
     buf = bytearray(data)
     for pos in rng.integers(min(start, len(buf) - 1), len(buf), flips):
         buf[int(pos)] ^= 1 << int(rng.integers(0, 8))
+    return bytes(buf)
+
+
+def _stream_header_flips(data: bytes, seed: int) -> bytes:
+    """1-11 bit flips in the first 300 bytes of the first fragment: the codestream's own header segments. For some
+    seeds GDCM aborts the process (an uncaught C++ exception, gdcmJPEGBITSCodec.hxx:782): found by fuzzing,
+    listed in CRASH_SEEDS."""
+    rng = np.random.default_rng(seed)
+    buf = bytearray(data)
+    start = _pixel_offset(data) + 12 + 8 + 8  # past the element header, the offset table and the item header
+    for _ in range(int(rng.integers(1, 12))):
+        pos = start + int(rng.integers(0, min(300, len(buf) - start)))
+        buf[pos] ^= 1 << int(rng.integers(0, 8))
     return bytes(buf)
 
 
@@ -246,6 +262,8 @@ def build_corpus(out: Path, count: int = 0, quick: bool = True, bomb_bytes: int 
         dropped = _drop_last_fragment(pydicom.dcmread(io.BytesIO(data)))
         if dropped is not None:
             files.append(_write(out, f"frag__{stem}__lastfragment.dcm", dropped))
+        for seed in CRASH_SEEDS.get(stem, ())[: 2 if quick else None]:
+            files.append(_write(out, f"crash__{stem}__seed{seed}.dcm", _stream_header_flips(data, seed)))
         if not pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID.is_implicit_VR:
             files.append(_write(out, f"deep__{stem}__300.dcm", _deep_sequence(data, 300)))
     if dicoms:

@@ -3,6 +3,7 @@ the daemon's inbox; decoder crashes, hangs and memory blow-ups cost the file onl
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
@@ -45,6 +46,9 @@ def test_infer_survives_the_corpus_and_accounts_for_every_file(corpus, tmp_path)
     assert all("truncated" in r or "corrupt" in r or "no pixel data" in r or "not a DICOM" in r or "unreadable" in r
                for n, r in reasons.items() if klass(n) == "trunc"), [r for n, r in reasons.items() if klass(n) == "trunc"]
     assert any("inflates to more than" in r for n, r in reasons.items() if klass(n) == "deflate-bomb")
+    crashes = [r for n, r in reasons.items() if klass(n) == "crash"]
+    assert len(crashes) == 4 and all(re.search(r"decoder crashed with SIGABRT while decoding frame 0 with .*gdcm.*: "
+                                               r"gdcm\w+\.[ch]xx:\d+", r) for r in crashes), crashes
     assert all("too large" in r for n, r in reasons.items() if klass(n) in ("png-bomb", "jpeg-bomb"))
 
 
@@ -59,6 +63,8 @@ def test_daemon_inbox_survives_the_corpus_within_its_memory(corpus, tmp_path):
         [n for n in refused if outcomes[n][0][0] != "quarantined"][:5]
     reasons = [r for o in outcomes.values() for k, r in o if k == "quarantined"]
     assert not [r for r in reasons if INTERNALS.search(r)]
+    crashed = [outcomes[f.name][0][1] for f in corpus if klass(f) == "crash"]
+    assert len(crashed) == 4 and all("decoder crashed with SIGABRT" in r for r in crashed), crashed
     dup_uid = [n for n in outcomes if klass(n) == "dup-uid"]
     assert dup_uid and outcomes[dup_uid[0]][0][0] == "done", "a reused SOP Instance UID with other pixels is processed"
     assert not result["non_json_log_lines"], result["non_json_log_lines"][:5]
@@ -70,7 +76,7 @@ def test_a_decoder_crash_is_a_reason_naming_the_signal_and_the_next_file_decodes
     with DecodePool(timeout_s=120) as pool:
         pool.wait_ready()
         worker = pool._all[0]
-        with open(worker.capture, "a") as native:  # what GDCM prints on its way down, as the worker's stderr
+        with open(f"/proc/{worker.proc.pid}/fd/2", "a") as native:  # what GDCM prints on its way down
             native.write("terminate called after throwing an instance of 'gdcm::Exception'\n  what():  /project/gdcm_src/"
                          "Source/MediaStorageAndFileFormat/gdcmBitmap.cxx:737 ():\nAn invalid logic behavior occurred\n")
         os.kill(worker.proc.pid, signal.SIGABRT)  # what GDCM's uncaught C++ exception does to a process

@@ -103,7 +103,7 @@ class _Notes:
         native = self._capture.read(1 << 16).decode("utf-8", "replace")
         self._capture.seek(0, os.SEEK_END)
         if self._capture.tell() > _CAPTURE_MAX:  # the file is opened O_APPEND: writers carry on at the new end
-            os.truncate(self._capture.name, 0)
+            os.ftruncate(2, 0)  # fd 2 is this file (its path is gone once the parent saw us start)
             self._capture.seek(0)
         notes = [line.strip() for line in native.splitlines() if line.strip()]
         notes += [f"{w.category.__name__}: {w.message}" for w in caught]
@@ -236,8 +236,10 @@ def main(argv: list[str]) -> int:
 
     cv2.setNumThreads(1)
     limit = limit_memory(memory_bytes)
+    server = _Server(conn, capture_path, frames_path, DecodeLimits(**json.loads(limits_json)), limit)
+    # Ready only once both files are open here: the parent then unlinks them, so a kill leaves nothing behind.
     conn.send_bytes(json.dumps({"ok": True, "ready": os.getpid(), "limit": limit}).encode())
-    _Server(conn, capture_path, frames_path, DecodeLimits(**json.loads(limits_json)), limit).serve()
+    server.serve()
     return 0
 
 

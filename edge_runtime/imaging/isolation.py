@@ -59,6 +59,7 @@ class DecodeWorker:
         self.proc: subprocess.Popen | None = None
         self.conn = None
         self.capture: Path | None = None
+        self._capture_fh = None
         self.frames: FrameBuffer | None = None
         self._capture_pos = 0
         self._ready = False
@@ -72,6 +73,7 @@ class DecodeWorker:
         os.close(tmp_fd)
         fd = os.open(name, os.O_WRONLY | os.O_APPEND)  # append: the worker may empty the file under its writers
         self.capture = Path(name)
+        self._capture_fh = open(name, "rb")  # noqa: SIM115 - read until the worker is stopped
         shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
         frames_fd, frames_name = tempfile.mkstemp(prefix="edge-decode-", suffix=".frames", dir=shm)
         os.close(frames_fd)
@@ -97,6 +99,7 @@ class DecodeWorker:
             raise WorkerLost(f"the decode worker did not start: {reply}")
         self._ready = True
         self._native()  # what the imports printed is not a file's
+        self._unlink()  # both processes hold them open: nothing is left on disk if either is killed
 
     def send(self, message: dict, what: str) -> None:
         self.wait_ready()
@@ -159,15 +162,15 @@ class DecodeWorker:
 
     def _native(self) -> list[str]:
         """Lines the worker printed since the last call (its notes come with each reply; this is for crashes)."""
-        if self.capture is None:
+        fh = self._capture_fh
+        if fh is None:
             return []
         try:
-            with open(self.capture, "rb") as fh:
-                if os.fstat(fh.fileno()).st_size < self._capture_pos:
-                    self._capture_pos = 0  # the worker emptied it
-                fh.seek(self._capture_pos)
-                text = fh.read(1 << 16)
-                self._capture_pos = fh.tell()
+            if os.fstat(fh.fileno()).st_size < self._capture_pos:
+                self._capture_pos = 0  # the worker emptied it
+            fh.seek(self._capture_pos)
+            text = fh.read(1 << 16)
+            self._capture_pos = fh.tell()
         except OSError:
             return []
         return [line.strip() for line in text.decode("utf-8", "replace").splitlines() if line.strip()]
@@ -190,12 +193,19 @@ class DecodeWorker:
         self.kill()
         if self.conn is not None:
             self.conn.close()
+        self._unlink()
+        if self._capture_fh is not None:
+            self._capture_fh.close()
+            self._capture_fh = None
+        if self.frames is not None:
+            self.frames.close()
+            self.frames = None
+
+    def _unlink(self) -> None:
         if self.capture is not None:
             self.capture.unlink(missing_ok=True)
         if self.frames is not None:
-            self.frames.close()
             Path(self.frames.path).unlink(missing_ok=True)
-            self.frames = None
 
 
 def _decoder_name(kind: str, meta: DicomMeta | None) -> str:
@@ -381,7 +391,8 @@ class DecodePool:
     def _lost(self, worker: DecodeWorker, exc: WorkerLost) -> None:
         """A worker died or hung: replace it at once (in place, so whoever holds it gets a fresh one back)."""
         self.counts["timeouts" if "longer than" in exc.reason else "crashes"] += 1
-        log.warning("decode worker %s lost: %s; starting a new one", worker.proc.pid if worker.proc else "?", exc.reason)
+        # INFO: the file's own reason (quarantine, infer's error line) already says it at the level that counts.
+        log.info("decode worker %s lost: %s; starting a new one", worker.proc.pid if worker.proc else "?", exc.reason)
         worker.stop()
         if not self._closed:
             worker.start()
@@ -399,7 +410,10 @@ class DecodePool:
         held = [self._idle.get() for _ in range(self.size)]
         try:
             for worker in held:
-                worker.wait_ready()
+                try:
+                    worker.wait_ready()
+                except WorkerLost as exc:  # the next request on it restarts it and tells that file why
+                    log.warning("decode worker did not start: %s", exc.reason)
         finally:
             for worker in held:
                 self._idle.put(worker)
