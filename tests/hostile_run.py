@@ -143,11 +143,14 @@ def run_daemon(files: list[Path], tmp: Path, timeout_s: float = 1800) -> dict:
 
 
 def _children(pid: int) -> list[str]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return fh.read().split()
-    except OSError:
-        return []
+    """Child processes of every thread (a decode worker restarted after a crash is the study thread's child)."""
+    found: list[str] = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += children.read_text().split()
+        except OSError:
+            continue
+    return found
 
 
 def reason_class(reason: str) -> str:
