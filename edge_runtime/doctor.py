@@ -150,7 +150,8 @@ def scp_checks(config: Config) -> list[dict[str, str]]:
         calling = src.allowed_callers[0] if src.allowed_callers else "EDGE-DOCTOR"
         problem = echo(host, src.port, src.ae_title, calling, timeout=5.0)
         if not problem:
-            checks.append(_check(f"{src.name} C-ECHO", "ok", f"{src.ae_title} at {host}:{src.port} answered as {calling}"))
+            detail = f"{src.ae_title} at {host}:{src.port} answered as {calling}"
+            checks.append(_check(f"{src.name} C-ECHO", "ok", detail))
         else:
             status = "warn" if problem.startswith("no DICOM association") else "fail"
             checks.append(_check(f"{src.name} C-ECHO", status, problem + ("; is the daemon running?" if status == "warn"

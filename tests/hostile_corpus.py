@@ -2,8 +2,8 @@
 
 Nothing here is committed as data: `build_corpus(out)` writes the files into a temporary folder. Each file name starts
 with its class (`trunc`, `flip`, `header`, `frag`, `deep`, `crash`, `deflate-bomb`, `png-bomb`, `jpeg-bomb`,
-`dup-same`, `dup-uid`, `junk`), so a test can check each class's outcome. `EXPECT_REFUSED` lists the classes that must never
-get a finding.
+`dup-same`, `dup-uid`, `junk`), so a test can check each class's outcome. `EXPECT_REFUSED` lists the classes that
+must never get a finding.
 
     python tests/hostile_corpus.py --out /tmp/corpus --count 1000      # build a corpus of >= 1,000 files
     python tests/hostile_corpus.py --out /tmp/corpus --count 1000 --run # ... and run it through infer and the daemon

@@ -138,7 +138,8 @@ def run_daemon(files: list[Path], tmp: Path, timeout_s: float = 1800) -> dict:
     lines = log_path.read_text().splitlines()
     non_json = [line for line in lines if line.strip() and not line.lstrip().startswith("{")]
     return {"alive": alive_throughout, "rc": proc.returncode, "peak_rss": peak, "peak_worker_rss": peak_worker,
-            "outcomes": outcomes, "left_in_inbox": sorted(p.name for p in inbox.iterdir() if not p.name.startswith(".")),
+            "outcomes": outcomes,
+            "left_in_inbox": sorted(p.name for p in inbox.iterdir() if not p.name.startswith(".")),
             "non_json_log_lines": non_json, "log": lines}
 
 

@@ -198,8 +198,8 @@ class DicomImage:
         self._check_syntax_layout(UID(m.transfer_syntax))
         try:
             spacing, source = pixel_spacing(ds)
-        except (TypeError, ValueError, AttributeError, KeyError):  # a garbled calibration: no millimetres, still an image
-            spacing, source = None, None
+        except (TypeError, ValueError, AttributeError, KeyError):
+            spacing, source = None, None  # a garbled calibration: no millimetres, still an image
         object.__setattr__(self.meta, "pixel_spacing_mm", spacing)
         object.__setattr__(self.meta, "spacing_source", source)
         if self.meta.pixel_bytes > max_pixel_bytes:
@@ -274,8 +274,8 @@ class DicomImage:
         if m.photometric.upper() not in _PHOTOMETRICS:
             raise InputError(self.name, f"impossible header: PhotometricInterpretation {m.photometric!r}")
         if m.photometric.upper() == "YBR_PARTIAL_420":
-            raise InputError(self.name, "inconsistent header: PhotometricInterpretation YBR_PARTIAL_420 is used only by "
-                                        f"MPEG video, not {tsyntax.name}")
+            raise InputError(self.name, "inconsistent header: PhotometricInterpretation YBR_PARTIAL_420 is used only "
+                                        f"by MPEG video, not {tsyntax.name}")
         if tsyntax in _J2K and m.photometric.upper() not in _J2K_PHOTOMETRICS:
             raise InputError(self.name, f"inconsistent header: PhotometricInterpretation {m.photometric} cannot be "
                                         f"held in {tsyntax.name}")
@@ -305,8 +305,9 @@ class DicomImage:
             try:
                 self._fragments = list(generate_frames(self.ds.PixelData, number_of_frames=self.n_frames))
             except Exception:  # pydicom raises ValueError, struct.error, ... on a broken item structure
-                raise InputError(self.name, f"corrupt encapsulated pixel data: its fragments cannot be split into the "
-                                            f"{self.n_frames} frame(s) the header says (truncated or damaged?)") from None
+                raise InputError(self.name, "corrupt encapsulated pixel data: its fragments cannot be split into the "
+                                            f"{self.n_frames} frame(s) the header says (truncated or damaged?)"
+                                 ) from None
         if index >= len(self._fragments):
             raise InputError(self.name, f"truncated: the header says {self.n_frames} frames, the pixel data holds "
                                         f"{len(self._fragments)} (frame {index} is missing)")

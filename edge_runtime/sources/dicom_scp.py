@@ -80,8 +80,8 @@ class DicomScp:
         ae.require_called_aet = True
         if self.allowed_callers:
             ae.require_calling_aet = self.allowed_callers
-        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._on_store),
-                                                                               (evt.EVT_C_ECHO, self._on_echo)])
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, self._on_echo)]
+        self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
         self.port = self._server.server_address[1]  # when configured with port 0 (tests)
         log.info("dicom-scp %s: listening on %s:%d as %s", self.name, self.host, self.port, self.ae_title)
 
