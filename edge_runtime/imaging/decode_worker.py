@@ -83,8 +83,8 @@ def limit_memory(extra_bytes: int) -> int:
 class _Notes:
     """Everything the decoders said during one request: native output, Python warnings, log records."""
 
-    def __init__(self, capture_path: str) -> None:
-        self._capture = open(capture_path, "rb")  # noqa: SIM115 - read for the life of the worker
+    def __init__(self, capture) -> None:
+        self._capture = capture  # the file fd 1 and 2 write to, opened for reading
         self._capture.seek(0, os.SEEK_END)
         self.records: list[str] = []
         import logging
@@ -113,12 +113,12 @@ class _Notes:
 
 
 class _Server:
-    def __init__(self, conn, capture_path: str, frames_path: str, limits, limit: int) -> None:
+    def __init__(self, conn, capture, frames: FrameBuffer, limits, limit: int) -> None:
         self.conn = conn
         self.limit = limit  # RLIMIT_AS in force (0 = none)
         self.limits = limits
-        self.notes = _Notes(capture_path)
-        self.frames = FrameBuffer(frames_path)
+        self.notes = _Notes(capture)
+        self.frames = frames
         self.inp = None
 
     def send(self, message: dict) -> None:
@@ -225,6 +225,15 @@ def main(argv: list[str]) -> int:
 
     fd, capture_path, frames_path, memory_bytes, limits_json = int(argv[0]), argv[1], argv[2], int(argv[3]), argv[4]
     _die_with_parent()
+    # Both files are open in both processes from here on: their names go now, so nothing is left on disk
+    # whichever process is killed, whenever.
+    capture = open(capture_path, "rb")  # noqa: SIM115 - read for the life of the worker
+    frames = FrameBuffer(frames_path)
+    for path in (capture_path, frames_path):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
     conn = Connection(fd)
     # The decoders are imported before the limit is set, so the limit bounds what decoding adds.
     import cv2
@@ -236,8 +245,7 @@ def main(argv: list[str]) -> int:
 
     cv2.setNumThreads(1)
     limit = limit_memory(memory_bytes)
-    server = _Server(conn, capture_path, frames_path, DecodeLimits(**json.loads(limits_json)), limit)
-    # Ready only once both files are open here: the parent then unlinks them, so a kill leaves nothing behind.
+    server = _Server(conn, capture, frames, DecodeLimits(**json.loads(limits_json)), limit)
     conn.send_bytes(json.dumps({"ok": True, "ready": os.getpid(), "limit": limit}).encode())
     server.serve()
     return 0

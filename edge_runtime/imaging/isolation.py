@@ -99,7 +99,7 @@ class DecodeWorker:
             raise WorkerLost(f"the decode worker did not start: {reply}")
         self._ready = True
         self._native()  # what the imports printed is not a file's
-        self._unlink()  # both processes hold them open: nothing is left on disk if either is killed
+        self._unlink()  # the worker unlinked them already; this is for one that died before it could
 
     def send(self, message: dict, what: str) -> None:
         self.wait_ready()
