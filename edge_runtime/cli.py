@@ -18,7 +18,7 @@ from edge_runtime.errors import ConfigError, EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding, to_json
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
-from edge_runtime.imaging.inputs import InputImage, open_input
+from edge_runtime.imaging.inputs import InputImage
 from edge_runtime.registry import ModelRegistry
 
 PROG = "edge-runtime"
@@ -65,11 +65,14 @@ def study_ref(inp: InputImage, key: bytes, frame_index: int) -> StudyRef:
 # ---------------------------------------------------------------- infer
 def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.engines import resolve_auto
+    from edge_runtime.imaging.isolation import DecodePool
     from edge_runtime.pipeline import Predictor
 
     kind = args.engine or config.engine.kind
     kind = resolve_auto() if kind == "auto" else kind
     precision = args.precision or config.engine.precision
+    decoder = DecodePool.from_config(config.imaging)  # a decoder crash or hang costs that input only
+    decoder.start()  # first: the worker's imports overlap the engine's load
     predictor = Predictor.load(make_registry(config), args.model, kind, precision, engine_options(config, kind))
     manifest = predictor.manifest
     key = load_or_create_key(config.state_dir / "device.key")
@@ -77,10 +80,12 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     identity = DeviceIdentity(config.device.id, config.device.site)
     spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
     failed = 0
+    decoder.wait_ready()  # the worker's start-up is not the first input's latency
     for path in args.paths:
+        inp = None
         try:
             t_open = time.monotonic()
-            inp = open_input(path, config.imaging.max_pixel_bytes)
+            inp = decoder.open(path)
             if inp.modality and manifest.modality and inp.modality not in manifest.modality:
                 raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
             for index in range(inp.n_frames):
@@ -112,6 +117,10 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
         except Exception as exc:  # a bug on one input must not stop the others; still one line
             error_line(InputError(path, f"internal error {type(exc).__name__}: {exc}"))
             failed += 1
+        finally:
+            if inp is not None:
+                inp.close()  # the decode worker goes back to the pool
+    decoder.close()
     return 1 if failed else 0
 
 

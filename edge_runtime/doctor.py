@@ -158,6 +158,28 @@ def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[s
     return checks
 
 
+def scp_checks(config: Config) -> list[dict[str, str]]:
+    """C-ECHO each configured DICOM SCP as one of its allowed callers would: a daemon that is not running is a
+    warning (doctor also runs before the first start), a refusal or a bad status is a failure."""
+    from edge_runtime.sources.dicom_scp import echo
+
+    checks = []
+    for src in config.sources:
+        if src.kind != "dicom-scp":
+            continue
+        host = "127.0.0.1" if src.host in ("0.0.0.0", "", "::") else src.host
+        calling = src.allowed_callers[0] if src.allowed_callers else "EDGE-DOCTOR"
+        problem = echo(host, src.port, src.ae_title, calling, timeout=5.0)
+        if not problem:
+            detail = f"{src.ae_title} at {host}:{src.port} answered as {calling}"
+            checks.append(_check(f"{src.name} C-ECHO", "ok", detail))
+        else:
+            status = "warn" if problem.startswith("no DICOM association") else "fail"
+            checks.append(_check(f"{src.name} C-ECHO", status, problem + ("; is the daemon running?" if status == "warn"
+                                                                          else "")))
+    return checks
+
+
 def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True) -> dict[str, Any]:
     sections = [
         {"title": "System", "checks": system_checks(config)},
@@ -167,6 +189,9 @@ def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True
     ]
     if config.source_path and (config.sources or config.mqtt.broker):
         sections.append({"title": "Configuration", "checks": configuration_checks(config, registry)})
+    scp = scp_checks(config)
+    if scp:
+        sections.append({"title": "DICOM network", "checks": scp})
     failures = [c for s in sections for c in s["checks"] if c["status"] == "fail"]
     warnings = [c for s in sections for c in s["checks"] if c["status"] == "warn"]
     summary = f"{len(failures)} problem(s), {len(warnings)} warning(s)" if failures else f"all checks passed ({len(warnings)} warning(s))"

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import logging
 import signal
 import threading
@@ -31,7 +30,6 @@ from edge_runtime.errors import EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, build_finding
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
-from edge_runtime.imaging.inputs import open_input
 from edge_runtime.pipeline import Predictor
 from edge_runtime.slot import LatestSlot
 from edge_runtime.sources.base import SourceState
@@ -43,6 +41,7 @@ log = logging.getLogger("edge_runtime.service")
 # Counters the outbox and the uplink keep themselves, exported as edge_outbox_* / edge_uplink_* at scrape time.
 OUTBOX_COUNTERS = ("delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
                    "stored", "receipt_requeued")
+DECODE_COUNTERS = ("files", "frames", "refused", "crashes", "timeouts", "restarts")
 UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "connects", "disconnects",
                    "connect_failures", "errors", "new_sessions", "requeued",
                    "receipts", "stored", "receipt_unknown", "receipt_foreign", "receipt_malformed", "receipt_resent",
@@ -163,6 +162,10 @@ class Service:
         self._status_line = ""  # the source states last sent as sd_notify STATUS
         self._export_states()
 
+        from edge_runtime.imaging.isolation import DecodePool
+
+        self.decoder = DecodePool.from_config(config.imaging)  # study files are untrusted: decoded in workers
+
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
         from edge_runtime.outbox import Outbox
@@ -179,6 +182,9 @@ class Service:
         for src in self.config.sources:
             if src.model not in self.runners:
                 self.runners[src.model] = ModelRunner(self, src.model)
+        if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
+            self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
+            self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
@@ -492,22 +498,37 @@ class Service:
                        progress: Progress) -> tuple[dict | None, int, float]:
         """Commit a finding per frame; returns the last finding (None if all were committed before), the
         number of frames and the milliseconds the file took, for its log line."""
-        manifest = predictor.manifest
         t_open = time.monotonic()
+        with self.decoder.open(item.path) as inp:  # a decoder crash or hang costs this file only: InputError
+            finding = self._study_frames(src, item, inp, predictor, budget_ms, progress, t_open)
+            return finding, inp.n_frames, (time.monotonic() - t_open) * 1000.0
+
+    def _study_frames(self, src: SourceSection, item, inp, predictor: Predictor, budget_ms: float, progress: Progress,
+                      t_open: float) -> dict | None:
+        """The file's frames, each committed once; the last finding made (None when all were committed before)."""
+        manifest = predictor.manifest
         finding = None
-        inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
         if inp.modality and manifest.modality and inp.modality not in manifest.modality:
             raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+        inp.start_digest()
+        first = inp.frame(0, manifest.windowing)  # decoded while the file is hashed; wasted only on a duplicate
+        # The content digest is part of the item: a different image that reuses a SOP Instance UID gets its own
+        # findings instead of vanishing as "already committed"; a byte-identical copy maps onto the same items.
         if inp.meta is not None and inp.meta.instance_uid:
-            base = pseudonym(self.key, inp.meta.instance_uid)
+            base = f"{pseudonym(self.key, inp.meta.instance_uid)}:{inp.sha256[:16]}"
         else:
-            base = "sha256:" + hashlib.sha256(item.path.read_bytes()).hexdigest()
+            base = "sha256:" + inp.sha256
+        items = [f"{base}#{index}" for index in range(inp.n_frames)]
+        committed = [self.outbox.has_source_item(s) for s in items]
+        if all(committed):
+            log.info("%s: %s is byte-identical to an instance already processed (%d finding(s) committed); no new "
+                     "finding", src.name, item.path.name, len(items))
+            return None
         for index in range(inp.n_frames):
             if self.stop_event.is_set():
                 raise StudyInterrupted()
             progress.start_item()  # a long multi-frame study is progress frame by frame, not one stuck item
-            source_item = f"{base}#{index}"
-            if self.outbox.has_source_item(source_item):
+            if committed[index]:
                 continue  # committed before a crash: never a second finding
             captured = t_open if index == 0 else time.monotonic()
             meta = inp.meta
@@ -516,14 +537,21 @@ class Service:
                 pseudonym(self.key, meta.series_uid) if meta else "",
                 pseudonym(self.key, meta.instance_uid) if meta else "",
                 inp.modality, index)
-            frame = Frame(inp.frame(index, manifest.windowing), src.kind, item.path.name, captured_at=captured,
+            try:
+                pixels = first if index == 0 else inp.frame(index, manifest.windowing)
+            except InputError as exc:
+                if index:  # every frame before this one is committed by now
+                    raise InputError(exc.subject, f"{exc.reason} (after {index} of {inp.n_frames} frames were "
+                                                  "committed; their findings stand)") from None
+                raise
+            frame = Frame(pixels, src.kind, item.path.name, captured_at=captured,
                           study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
             prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
-            self._commit(finding, source_item)
+            self._commit(finding, items[index])
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
-        return finding, inp.n_frames, (time.monotonic() - t_open) * 1000.0
+        return finding
 
     def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
         return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
@@ -624,6 +652,8 @@ class Service:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
+        if not busy:
+            self.decoder.close()  # a worker thread still decoding would read the closed pool as a crashed decoder
         self.metrics.shutdown()
         if self.lock.held:
             log.info("stopped in %.1f s (%s)%s", time.monotonic() - t0, self.stop_reason,

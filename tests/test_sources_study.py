@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -201,3 +202,57 @@ def test_folder_state_names_a_missing_inbox(tmp_path):
     (tmp_path / "inbox").rmdir()  # an unmounted or deleted inbox
     state = src.check_state()
     assert state.state == "down" and state.reason == f"{tmp_path / 'inbox'} does not exist"
+
+
+def test_c_echo_answers_allowed_callers_only(scp):
+    from edge_runtime.sources.dicom_scp import echo
+
+    assert echo("127.0.0.1", scp.port, "EDGE", "DETECTOR") == ""
+    assert "rejected" in echo("127.0.0.1", scp.port, "EDGE", "STRANGER")
+
+
+@pytest.mark.skipif(shutil.which("echoscu") is None, reason="dcmtk's echoscu not installed (apt-get install dcmtk)")
+def test_dcmtk_echoscu_works(scp):
+    r = subprocess.run(["echoscu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port)],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_shared
+@pytest.mark.skipif(shutil.which("storescu") is None, reason="dcmtk's storescu not installed (apt-get install dcmtk)")
+def test_dcmtk_storescu_with_hostile_files_leaves_the_scp_up(scp, tmp_path):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from hostile_corpus import _header_edit
+
+    bad = []
+    for edit in ("cols+1", "frames=-1", "samples=4"):  # uncompressed: storescu sends it without converting
+        ds = _header_edit(pydicom.dcmread(DICOM_DIR / "pydicom-data" / "US1_UNCR.dcm"), edit)
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        path = tmp_path / f"{edit.replace('=', '_')}.dcm"
+        ds.save_as(path)
+        bad.append(str(path))
+    r = subprocess.run(["storescu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port), *bad],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len([p for p in (tmp_path / "inbox").iterdir() if p.suffix == ".dcm"]) == 3
+    subprocess.run(["echoscu", "-aet", "DETECTOR", "-aec", "EDGE", "127.0.0.1", str(scp.port)], check=True, timeout=60)
+
+
+def test_doctor_echoes_the_configured_scp(scp, tmp_path):
+    from edge_runtime.config import load_config
+    from edge_runtime.doctor import scp_checks
+
+    def config(port: int):
+        path = tmp_path / f"edge-{port}.toml"
+        path.write_text(f'[[sources]]\nname = "xray"\nkind = "dicom-scp"\nmodel = "cxr-pneumonia"\n'
+                        f'inbox = "{tmp_path / "inbox"}"\nae_title = "EDGE"\nport = {port}\n'
+                        'allowed_callers = ["DETECTOR"]\n')
+        return load_config(path)
+
+    [up] = scp_checks(config(scp.port))
+    assert up["status"] == "ok" and "answered as DETECTOR" in up["detail"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    [down] = scp_checks(config(free))
+    assert down["status"] == "warn" and "is the daemon running?" in down["detail"]

@@ -7,6 +7,7 @@ never sits in memory whole.
 """
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,12 +18,43 @@ import pydicom.pixels
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import JPEGBaseline8Bit, JPEGExtended12Bit, UID
+from pydicom.uid import (
+    HTJ2K,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+)
 
 from edge_runtime.errors import InputError
+from edge_runtime.imaging.guard import (
+    DEFAULT_MAX_PIXEL_BYTES,
+    DecodeLimits,
+    check_deflated,
+    check_dicom_header,
+    check_dicom_peak,
+    check_native_length,
+    codestream_shape,
+    jpeg_is_complete,
+)
+from edge_runtime.imaging.reasons import decode_failure, readable
 
-DEFAULT_MAX_PIXEL_BYTES = 1 << 30  # 1 GiB of decoded pixels per input
 _JPEG_8_12 = (JPEGBaseline8Bit, JPEGExtended12Bit)
+_JPEG_FAMILY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
+                          JPEGLSNearLossless})
+_J2K = frozenset({JPEG2000Lossless, JPEG2000, HTJ2KLossless, HTJ2KLosslessRPCL, HTJ2K})
+_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422",
+                           "YBR_PARTIAL_422", "YBR_PARTIAL_420", "YBR_ICT", "YBR_RCT"})
+_J2K_PHOTOMETRICS = frozenset({"MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_ICT", "YBR_RCT",
+                               "YBR_FULL"})
 _FAST_JPEG_LAYOUTS = {(1, "MONOCHROME2"), (1, "MONOCHROME1"), (3, "YBR_FULL_422"), (3, "YBR_FULL"), (3, "RGB")}
 
 
@@ -93,6 +125,26 @@ def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
     return None, None
 
 
+def is_image_sop_class(sop_class_uid: str) -> bool:
+    return "Image Storage" in UID(sop_class_uid).name
+
+
+def _sop_name(ds: Dataset) -> str:
+    uid = str(ds.get("SOPClassUID", ""))
+    return UID(uid).name if uid else "no SOP class"
+
+
+def _number_of_frames(name: str, ds: Dataset) -> int:
+    """NumberOfFrames as the header says it (absent = 1); an unreadable value is a reason, never a default."""
+    if "NumberOfFrames" not in ds or ds["NumberOfFrames"].value in (None, ""):
+        return 1
+    raw = ds["NumberOfFrames"].value
+    try:
+        return int(raw)
+    except (TypeError, ValueError):
+        raise InputError(name, f"impossible header: NumberOfFrames = {str(raw)[:40]!r}") from None
+
+
 def _frame_time_ms(ds: Dataset) -> float | None:
     for keyword in ("FrameTime",):
         value = ds.get(keyword)
@@ -106,34 +158,96 @@ def _frame_time_ms(ds: Dataset) -> float | None:
 
 
 class DicomImage:
-    """One DICOM file opened for frame-by-frame display decoding."""
+    """One DICOM file opened for frame-by-frame display decoding. The header is checked (imaging.guard) before any
+    pixel buffer is allocated: impossible values, the estimated decode peak, a deflate bomb, truncated pixel data."""
 
-    def __init__(self, path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> None:
+    def __init__(self, path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
+                 limits: DecodeLimits | None = None) -> None:
         self.path = Path(path)
         self.name = str(path)
+        self.limits = limits or DecodeLimits(max_pixel_bytes=max_pixel_bytes)
+        max_pixel_bytes = self.limits.max_pixel_bytes
+        self.file_bytes = self._check_file_meta()
         try:
             self.ds = pydicom.dcmread(self.path)
         except InvalidDicomError:
             raise InputError(self.name, "not a DICOM file (no DICM preamble or valid header)") from None
         except FileNotFoundError:
             raise InputError(self.name, "no such file") from None
-        except (OSError, EOFError, ValueError, KeyError, TypeError) as exc:
-            raise InputError(self.name, f"unreadable DICOM header ({exc})") from None
+        except RecursionError:
+            raise InputError(self.name, "DICOM header nests sequences too deeply to read (a malformed or hostile "
+                                        "file)") from None
+        except MemoryError:
+            raise InputError(self.name, "DICOM header declares more data than the decode worker may hold") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error) as exc:
+            raise InputError(self.name, f"unreadable DICOM header ({readable(str(exc), 'the header')})") from None
         ds = self.ds
         if "PixelData" not in ds:
+            if "Rows" in ds or is_image_sop_class(str(ds.get("SOPClassUID", ""))):
+                raise InputError(self.name, f"no pixel data although the header is an image's ({_sop_name(ds)}): "
+                                            f"truncated, probably cut off in transfer ({self.file_bytes} bytes)")
             raise InputError(self.name, "DICOM has no pixel data (not an image SOP instance)")
         try:
             tsyntax = ds.file_meta.TransferSyntaxUID
         except AttributeError:
             raise InputError(self.name, "DICOM file meta has no Transfer Syntax UID") from None
+        self.meta = self._read_meta(ds, str(tsyntax))
+        m = self.meta
+        check_dicom_header(self.name, m.rows, m.cols, m.frames, m.samples_per_pixel, m.bits_allocated,
+                           m.bits_stored, m.photometric)
+        self._check_syntax_layout(UID(m.transfer_syntax))
         try:
-            self.meta = DicomMeta(
+            spacing, source = pixel_spacing(ds)
+        except (TypeError, ValueError, AttributeError, KeyError):
+            spacing, source = None, None  # a garbled calibration: no millimetres, still an image
+        object.__setattr__(self.meta, "pixel_spacing_mm", spacing)
+        object.__setattr__(self.meta, "spacing_source", source)
+        if self.meta.pixel_bytes > max_pixel_bytes:
+            raise InputError(
+                self.name,
+                f"image too large: {self.meta.rows}x{self.meta.cols}x{self.meta.frames} frames x "
+                f"{self.meta.samples_per_pixel} samples x {self.meta.bits_allocated} bits = "
+                f"{self.meta.pixel_bytes} bytes exceeds the limit of {max_pixel_bytes} bytes",
+            )
+        check_dicom_peak(self.name, m.rows, m.cols, m.samples_per_pixel, m.bits_allocated, self.file_bytes, self.limits)
+        self._check_decoder(UID(self.meta.transfer_syntax))
+        if not UID(m.transfer_syntax).is_compressed:
+            bits = m.rows * m.cols * m.frames * m.samples_per_pixel * m.bits_allocated
+            layout = (f"{m.rows} x {m.cols} x {m.frames} frame(s) x {m.samples_per_pixel} sample(s) x "
+                      f"{m.bits_allocated} bits")
+            check_native_length(self.name, (bits + 7) // 8, len(ds.PixelData), layout)
+        self._fast_jpeg: bool | None = None if self._fast_jpeg_eligible() else False  # None: not yet checked
+        self._fragments: list[bytes] | None = None
+        if UID(m.transfer_syntax).is_compressed:
+            self._frame_bytes(m.frames - 1)  # a header that promises more frames than the data holds fails here
+        self._palette: np.ndarray | None = None  # PALETTE COLOR: the lookup table, once built
+        self._palette_built = False
+
+    def _check_file_meta(self) -> int:
+        """The file's size; a Deflated Explicit VR dataset is inflated once, counting, under the cap first."""
+        try:
+            size = self.path.stat().st_size
+            meta = pydicom.filereader.read_file_meta_info(self.path)
+        except FileNotFoundError:
+            raise InputError(self.name, "no such file") from None
+        except InvalidDicomError:
+            raise InputError(self.name, "not a DICOM file (no DICM preamble or valid header)") from None
+        except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, struct.error) as exc:
+            raise InputError(self.name, f"unreadable DICOM file meta ({readable(str(exc), 'the file meta')})") from None
+        if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+            group_length = int(meta.get("FileMetaInformationGroupLength", 0) or 0)
+            check_deflated(self.name, self.path, 128 + 4 + 12 + group_length, self.limits)
+        return size
+
+    def _read_meta(self, ds: Dataset, tsyntax: str) -> DicomMeta:
+        try:
+            return DicomMeta(
                 modality=str(ds.get("Modality", "")),
                 sop_class_uid=str(ds.get("SOPClassUID", "")),
-                transfer_syntax=str(tsyntax),
+                transfer_syntax=tsyntax,
                 rows=int(ds.Rows),
                 cols=int(ds.Columns),
-                frames=int(ds.get("NumberOfFrames", 1) or 1),
+                frames=_number_of_frames(self.name, ds),
                 samples_per_pixel=int(ds.get("SamplesPerPixel", 1)),
                 photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")),
                 bits_allocated=int(ds.BitsAllocated),
@@ -145,23 +259,26 @@ class DicomImage:
                 series_uid=str(ds.get("SeriesInstanceUID", "")),
                 instance_uid=str(ds.get("SOPInstanceUID", "")),
             )
-        except (AttributeError, TypeError, ValueError) as exc:
-            raise InputError(self.name, f"DICOM image header incomplete ({exc})") from None
-        spacing, source = pixel_spacing(ds)
-        object.__setattr__(self.meta, "pixel_spacing_mm", spacing)
-        object.__setattr__(self.meta, "spacing_source", source)
-        if self.meta.pixel_bytes > max_pixel_bytes:
-            raise InputError(
-                self.name,
-                f"image too large: {self.meta.rows}x{self.meta.cols}x{self.meta.frames} frames x "
-                f"{self.meta.samples_per_pixel} samples x {self.meta.bits_allocated} bits = "
-                f"{self.meta.pixel_bytes} bytes exceeds the limit of {max_pixel_bytes} bytes",
-            )
-        self._check_decoder(UID(self.meta.transfer_syntax))
-        self._fast_jpeg: bool | None = None if self._fast_jpeg_eligible() else False  # None: not yet checked
-        self._fragments: list[bytes] | None = None
-        self._palette: np.ndarray | None = None  # PALETTE COLOR: the lookup table, once built
-        self._palette_built = False
+        except AttributeError as exc:
+            missing = str(exc).rsplit("'", 2)[-2] if "'" in str(exc) else "a required attribute"
+            raise InputError(self.name, f"DICOM image header incomplete (no {missing})") from None
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InputError(self.name, f"DICOM image header has an unreadable value ({readable(str(exc), 'a value')})"
+                             ) from None
+
+    def _check_syntax_layout(self, tsyntax: UID) -> None:
+        m = self.meta
+        if tsyntax in _JPEG_FAMILY and m.bits_allocated > 16:
+            raise InputError(self.name, f"inconsistent header: BitsAllocated = {m.bits_allocated} for {tsyntax.name} "
+                                        "(JPEG holds at most 16 bits)")
+        if m.photometric.upper() not in _PHOTOMETRICS:
+            raise InputError(self.name, f"impossible header: PhotometricInterpretation {m.photometric!r}")
+        if m.photometric.upper() == "YBR_PARTIAL_420":
+            raise InputError(self.name, "inconsistent header: PhotometricInterpretation YBR_PARTIAL_420 is used only "
+                                        f"by MPEG video, not {tsyntax.name}")
+        if tsyntax in _J2K and m.photometric.upper() not in _J2K_PHOTOMETRICS:
+            raise InputError(self.name, f"inconsistent header: PhotometricInterpretation {m.photometric} cannot be "
+                                        f"held in {tsyntax.name}")
 
     def _check_decoder(self, tsyntax: UID) -> None:
         try:
@@ -182,15 +299,49 @@ class DicomImage:
         return (UID(m.transfer_syntax) == JPEGBaseline8Bit and m.bits_allocated == 8
                 and (m.samples_per_pixel, m.photometric.upper()) in _FAST_JPEG_LAYOUTS)
 
+    def _frame_bytes(self, index: int) -> bytes:
+        """One frame's compressed bytes; the frames are split out once per file."""
+        if self._fragments is None:
+            try:
+                self._fragments = list(generate_frames(self.ds.PixelData, number_of_frames=self.n_frames))
+            except Exception:  # pydicom raises ValueError, struct.error, ... on a broken item structure
+                raise InputError(self.name, "corrupt encapsulated pixel data: its fragments cannot be split into the "
+                                            f"{self.n_frames} frame(s) the header says (truncated or damaged?)"
+                                 ) from None
+        if index >= len(self._fragments):
+            raise InputError(self.name, f"truncated: the header says {self.n_frames} frames, the pixel data holds "
+                                        f"{len(self._fragments)} (frame {index} is missing)")
+        return self._fragments[index]
+
+    def _check_frame_stream(self, index: int) -> None:
+        """A compressed frame is refused when it is cut off or its own header disagrees with the DICOM header: a
+        decoder would give a partly grey image, or (GDCM) abort the process."""
+        tsyntax = UID(self.meta.transfer_syntax)
+        if tsyntax not in _JPEG_FAMILY and tsyntax not in _J2K:
+            return
+        data = self._frame_bytes(index)
+        if not jpeg_is_complete(data):
+            raise InputError(self.name, f"frame {index} is truncated: its {tsyntax.name} stream has no end marker "
+                                        "(cut off in transfer?)")
+        shape = codestream_shape(data)
+        m = self.meta
+        if shape is None:
+            return
+        rows, cols, comps, bits = shape
+        if (rows and rows != m.rows) or cols != m.cols or comps != m.samples_per_pixel:
+            raise InputError(self.name, f"inconsistent: the header says {m.rows} x {m.cols} x {m.samples_per_pixel} "
+                                        f"samples, the {tsyntax.name} data of frame {index} holds {rows} x {cols} x "
+                                        f"{comps}")
+        if bits > m.bits_allocated or (m.bits_allocated > 16 and bits <= 16):
+            raise InputError(self.name, f"inconsistent: the header says BitsAllocated = {m.bits_allocated}, the "
+                                        f"{tsyntax.name} data of frame {index} holds {bits}-bit samples")
+
     def _jpeg_codec_frame(self, index: int) -> np.ndarray | None:
-        """One JPEG frame decoded by imagecodecs (libjpeg-turbo, BSD), or None when it is missing or fails.
-        The frames' compressed bytes are split out once per file."""
+        """One JPEG frame decoded by imagecodecs (libjpeg-turbo, BSD), or None when it is missing or fails."""
         try:
             import imagecodecs
 
-            if self._fragments is None:
-                self._fragments = list(generate_frames(self.ds.PixelData, number_of_frames=self.n_frames))
-            return imagecodecs.jpeg8_decode(self._fragments[index])
+            return imagecodecs.jpeg8_decode(self._frame_bytes(index))
         except Exception:
             return None
 
@@ -207,6 +358,7 @@ class DicomImage:
         """Stored values of one frame (colour already converted to RGB), before any LUT."""
         if not 0 <= index < self.n_frames:
             raise InputError(self.name, f"frame {index} out of range (0..{self.n_frames - 1})")
+        self._check_frame_stream(index)
         if self._fast_jpeg:
             fast = self._fast_jpeg_frame(index)
             if fast is not None:
@@ -218,13 +370,14 @@ class DicomImage:
                 fast = self._fast_jpeg_frame(index)
                 self._fast_jpeg = fast is not None and np.array_equal(fast, ref)
             return ref
+        except InputError:
+            raise
         except Exception as exc:  # decoders raise anything from ValueError to RuntimeError
             fallback = self._imagecodecs_frame(index)
             if fallback is not None:
                 return fallback
-            first = str(exc).strip().splitlines()
-            detail = " ".join(line.strip() for line in first[:3])
-            raise InputError(self.name, f"frame {index} failed to decode ({UID(self.meta.transfer_syntax).name}): {detail}") from None
+            raise InputError(self.name, f"frame {index} failed to decode ({UID(self.meta.transfer_syntax).name}): "
+                                        f"{decode_failure(exc)}") from None
 
     def _imagecodecs_frame(self, index: int) -> np.ndarray | None:
         """12-bit JPEG (Process 2 and 4) is beyond Pillow and GDCM; imagecodecs (BSD) decodes it."""
@@ -247,8 +400,9 @@ class DicomImage:
         raw = self.raw_frame(index)
         try:
             return self.display(raw, windowing)
-        except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise InputError(self.name, f"frame {index} has pixel data inconsistent with its LUTs ({exc})") from None
+        except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+            raise InputError(self.name, f"frame {index} has pixel data inconsistent with its LUTs "
+                                        f"({readable(str(exc), 'its LUTs')})") from None
 
     def display_frames(self, windowing: str = "voi") -> Iterator[np.ndarray]:
         for i in range(self.n_frames):

@@ -1,6 +1,7 @@
 """PNG and JPEG inputs as display images, with the size guard applied to the header first."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import cv2
@@ -8,35 +9,49 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edge_runtime.errors import InputError
+from edge_runtime.imaging.guard import DecodeLimits, ImageHeader, check_image_peak, jpeg_is_complete, png_is_complete
+from edge_runtime.imaging.reasons import readable
 
 Image.MAX_IMAGE_PIXELS = None  # our own guard below replaces Pillow's warning-only bomb check
 
 
-def read_header(path: Path) -> tuple[int, int, int, int]:
-    """(width, height, channels, bytes per sample) from the file header, without decoding pixels."""
+def image_header(path: Path) -> ImageHeader:
+    """What the file header says (Pillow reads headers only), without decoding pixels."""
     try:
         with Image.open(path) as img:
             width, height = img.size
             mode = img.mode
+            fmt = img.format or "image"
+            progressive = bool(img.info.get("progressive") or img.info.get("progression"))
     except FileNotFoundError:
         raise InputError(str(path), "no such file") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise InputError(str(path), f"unreadable image header ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, struct.error) as exc:
+        raise InputError(str(path), f"unreadable image header ({readable(str(exc), 'the header')})") from None
     channels = {"L": 1, "P": 3, "RGB": 3, "RGBA": 4, "LA": 2, "CMYK": 4}.get(mode, 1)
     sample_bytes = 2 if mode.startswith("I;16") or mode == "I" else 1
-    return width, height, channels, sample_bytes
+    return ImageHeader(fmt, width, height, channels, sample_bytes, progressive)
 
 
-def load_display_image(path: str | Path, max_pixel_bytes: int) -> np.ndarray:
-    """PNG/JPEG -> uint8 display image: gray HxW or RGB HxWx3."""
+def read_header(path: Path) -> tuple[int, int, int, int]:
+    """(width, height, channels, bytes per sample) from the file header, without decoding pixels."""
+    h = image_header(path)
+    return h.width, h.height, h.channels, h.sample_bytes
+
+
+def load_display_image(path: str | Path, max_pixel_bytes: int, limits: DecodeLimits | None = None) -> np.ndarray:
+    """PNG/JPEG -> uint8 display image: gray HxW or RGB HxWx3. Refused before decoding when the header's
+    dimensions need more than the limits, or when the file is cut off (no PNG IEND / JPEG end marker)."""
     path = Path(path)
-    width, height, channels, sample_bytes = read_header(path)
-    size = width * height * channels * sample_bytes
-    if size > max_pixel_bytes:
-        raise InputError(
-            str(path), f"image too large: {width}x{height}x{channels} = {size} bytes exceeds the limit of {max_pixel_bytes} bytes"
-        )
-    arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    limits = limits or DecodeLimits(max_pixel_bytes=max_pixel_bytes)
+    header = image_header(path)
+    data = path.read_bytes()
+    check_image_peak(str(path), header, len(data), limits)
+    if header.format == "PNG" and not png_is_complete(data):
+        raise InputError(str(path), "truncated: the PNG has no end chunk (cut off in transfer?)")
+    if header.format == "JPEG" and not jpeg_is_complete(data):
+        raise InputError(str(path), "truncated: the JPEG has no end marker after its last scan (cut off in transfer?)")
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    del data
     if arr is None or arr.size == 0:
         raise InputError(str(path), "image failed to decode (truncated or corrupt)")
     if arr.dtype == np.uint16:

@@ -9,6 +9,7 @@ import numpy as np
 
 from edge_runtime.errors import InputError
 from edge_runtime.imaging.dicom import DEFAULT_MAX_PIXEL_BYTES, DicomImage, DicomMeta
+from edge_runtime.imaging.guard import DecodeLimits
 from edge_runtime.imaging.images import load_display_image
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -72,11 +73,15 @@ def sniff(path: Path) -> str:
     raise InputError(str(path), "not a DICOM (no DICM preamble), PNG or JPEG file")
 
 
-def open_input(path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES) -> InputImage:
+def open_input(path: str | Path, max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES,
+               limits: DecodeLimits | None = None) -> InputImage:
+    """Open a file in this process. Untrusted files go through imaging.isolation instead, which calls this in a
+    decode worker process."""
     path = Path(path)
+    limits = limits or DecodeLimits(max_pixel_bytes=max_pixel_bytes)
     kind = sniff(path)
     if kind == "dicom":
-        dicom = DicomImage(path, max_pixel_bytes)
+        dicom = DicomImage(path, limits=limits)
         return InputImage(str(path), kind, dicom.n_frames, dicom=dicom)
-    pixels = load_display_image(path, max_pixel_bytes)
+    pixels = load_display_image(path, limits.max_pixel_bytes, limits)
     return InputImage(str(path), kind, 1, _pixels=pixels)
