@@ -180,8 +180,14 @@ def source_problems(config: Config, daemon_pid: int | None = None) -> tuple[list
             if src.kind == "dicom-scp":
                 problem, in_use = _bind_problem(src.host, src.port)
                 if problem and in_use and daemon_pid:
-                    notes.append(Note(_src_key(i, "port"), f"{src.host}:{src.port} is held by the running daemon "
-                                                            f"(pid {daemon_pid})"))
+                    echoed = echo_problem(src)  # the daemon holds the port: it must also answer on it
+                    if echoed:
+                        out.append(Problem(where, _src_key(i, "port"), f"source {src.name!r}: the running daemon "
+                                                                        f"(pid {daemon_pid}) holds the port but "
+                                                                        f"{echoed}", "see the daemon's log"))
+                    else:
+                        notes.append(Note(_src_key(i, "port"), f"{src.host}:{src.port} is held by the running daemon "
+                                                                f"(pid {daemon_pid}), which answers C-ECHO"))
                 elif problem:
                     out.append(Problem(where, _src_key(i, "port"), f"source {src.name!r}: DICOM port {problem}",
                                        "stop what holds it or choose another port"))
@@ -190,6 +196,20 @@ def source_problems(config: Config, daemon_pid: int | None = None) -> tuple[list
             out.append(Problem(where, _src_key(i, bad), f"must not be negative; got {getattr(src, bad)}", "use 0 for "
                                                                                                      "the default"))
     return out, notes
+
+
+def scp_address(src: SourceSection) -> tuple[str, str]:
+    """Where a local client reaches this SCP, and the calling AE title it uses (the first allowed caller)."""
+    host = "127.0.0.1" if src.host in ("0.0.0.0", "", "::") else src.host
+    return host, src.allowed_callers[0] if src.allowed_callers else "EDGE-CHECK"
+
+
+def echo_problem(src: SourceSection) -> str:
+    """C-ECHO the SCP as its first allowed caller would; '' when it answers."""
+    from edge_runtime.sources.dicom_scp import echo
+
+    host, calling = scp_address(src)
+    return echo(host, src.port, src.ae_title, calling, timeout=5.0)
 
 
 def _cine_problems(config: Config, i: int, src: SourceSection) -> list[Problem]:

@@ -161,15 +161,14 @@ def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[s
 def scp_checks(config: Config) -> list[dict[str, str]]:
     """C-ECHO each configured DICOM SCP as one of its allowed callers would: a daemon that is not running is a
     warning (doctor also runs before the first start), a refusal or a bad status is a failure."""
-    from edge_runtime.sources.dicom_scp import echo
+    from edge_runtime.check import echo_problem, scp_address
 
     checks = []
     for src in config.sources:
         if src.kind != "dicom-scp":
             continue
-        host = "127.0.0.1" if src.host in ("0.0.0.0", "", "::") else src.host
-        calling = src.allowed_callers[0] if src.allowed_callers else "EDGE-DOCTOR"
-        problem = echo(host, src.port, src.ae_title, calling, timeout=5.0)
+        host, calling = scp_address(src)
+        problem = echo_problem(src)
         if not problem:
             detail = f"{src.ae_title} at {host}:{src.port} answered as {calling}"
             checks.append(_check(f"{src.name} C-ECHO", "ok", detail))

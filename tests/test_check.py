@@ -127,3 +127,26 @@ def test_check_needs_a_configuration():
     r = edge("check")
     assert r.returncode == 2
     assert r.stderr.strip() == "edge-runtime: check: needs --config FILE (the configuration to check)"
+
+
+def test_an_scp_port_held_by_the_running_daemon_must_answer_c_echo(tmp_path):
+    """With the daemon running, check does not report its own SCP port as taken, but the SCP on it must answer."""
+    from edge_runtime.check import source_problems
+    from edge_runtime.config import Config, SourceSection
+    from edge_runtime.sources.dicom_scp import DicomScp
+
+    scp = DicomScp("xray", tmp_path / "inbox", ae_title="EDGE", host="127.0.0.1", port=0, allowed_callers=["DETECTOR"])
+    scp.start()
+    try:
+        def config(callers: list[str]) -> Config:
+            src = SourceSection(name="xray", kind="dicom-scp", model="tiny-cls", inbox=str(tmp_path / "inbox"),
+                                ae_title="EDGE", host="127.0.0.1", port=scp.port, allowed_callers=callers)
+            return Config(sources=[src], source_path=str(tmp_path / "edge.toml"))
+
+        problems, notes = source_problems(config(["DETECTOR"]), daemon_pid=os.getpid())
+        assert problems == [] and len(notes) == 1 and "answers C-ECHO" in notes[0].text
+        problems, _ = source_problems(config(["STRANGER"]), daemon_pid=os.getpid())  # the SCP refuses this caller
+        assert len(problems) == 1 and problems[0].key == "sources[0].port"
+        assert "holds the port but association rejected" in problems[0].problem
+    finally:
+        scp.stop()
