@@ -46,7 +46,8 @@ def _timed(fn, *args) -> float:
 
 
 def measure(rounds: int, folder: Path) -> dict:
-    from edge_runtime.imaging.isolation import DecodePool, file_sha256
+    from edge_runtime.imaging.isolation import DecodePool
+    from edge_runtime.registry import sha256_file
 
     results = {}
     with DecodePool(timeout_s=300) as pool:
@@ -64,7 +65,7 @@ def measure(rounds: int, folder: Path) -> dict:
                 if r % 2:
                     pair.reverse()
                 times = {label: _timed(fn, path) for label, fn in pair}
-                d = _timed(file_sha256, path)
+                d = _timed(sha256_file, path)
                 if r:
                     local.append(times["local"])
                     isolated.append(times["isolated"])

@@ -306,6 +306,17 @@ def service_problems(config: Config, daemon_pid: int | None) -> tuple[list[Probl
     for key in ("stall_timeout_s", "stop_timeout_s"):
         if getattr(svc, key) <= 0:
             out.append(Problem(where, f"service.{key}", f"must be above 0; got {getattr(svc, key)}", "e.g. 20"))
+    imaging = config.imaging
+    for key in ("max_pixel_bytes", "max_decode_bytes", "decode_workers", "decode_timeout_s",
+                "decode_worker_memory_bytes"):
+        if getattr(imaging, key) <= 0:
+            out.append(Problem(where, f"imaging.{key}", f"must be above 0; got {getattr(imaging, key)}",
+                               "remove the key for its default"))
+    if 0 < svc.stall_timeout_s <= imaging.decode_timeout_s:
+        out.append(Problem(where, "imaging.decode_timeout_s", f"{imaging.decode_timeout_s:g} s is not under "
+                                                              f"service.stall_timeout_s ({svc.stall_timeout_s:g} s): a "
+                                                              "hung decoder would get the daemon restarted instead of "
+                                                              "the file quarantined", "keep it below stall_timeout_s"))
     if svc.source_down_alarm_s < 0:
         out.append(Problem(where, "service.source_down_alarm_s", f"must be >= 0; got {svc.source_down_alarm_s}",
                            "0 turns the alarm off"))

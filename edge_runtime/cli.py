@@ -73,54 +73,56 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
     precision = args.precision or config.engine.precision
     decoder = DecodePool.from_config(config.imaging)  # a decoder crash or hang costs that input only
     decoder.start()  # first: the worker's imports overlap the engine's load
-    predictor = Predictor.load(make_registry(config), args.model, kind, precision, engine_options(config, kind))
-    manifest = predictor.manifest
-    key = load_or_create_key(config.state_dir / "device.key")
-    seq = SequenceCounter(config.state_dir / "cli.seq")
-    identity = DeviceIdentity(config.device.id, config.device.site)
-    spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
     failed = 0
-    decoder.wait_ready()  # the worker's start-up is not the first input's latency
-    for path in args.paths:
-        inp = None
-        try:
-            t_open = time.monotonic()
-            inp = decoder.open(path)
-            if inp.modality and manifest.modality and inp.modality not in manifest.modality:
-                raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
-            for index in range(inp.n_frames):
-                captured = t_open if index == 0 else time.monotonic()
-                pixels = inp.frame(index, manifest.windowing)
-                frame = Frame(
-                    pixels=pixels,
-                    source_kind="file",
-                    source_name=path,
-                    captured_at=captured,
-                    study=study_ref(inp, key, index),
-                    pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
-                )
-                frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-                prediction = predictor.predict(frame)
-                finding = build_finding(
-                    identity=identity,
-                    seq=seq.next(),
-                    frame=frame,
-                    model=predictor.ref,
-                    head=prediction.head,
-                    capture_to_result_ms=prediction.capture_to_result_ms,
-                    budget_ms=manifest.latency_budget_ms,
-                )
-                print(to_json(finding), flush=True)
-        except EdgeError as exc:
-            error_line(exc)
-            failed += 1
-        except Exception as exc:  # a bug on one input must not stop the others; still one line
-            error_line(InputError(path, f"internal error {type(exc).__name__}: {exc}"))
-            failed += 1
-        finally:
-            if inp is not None:
-                inp.close()  # the decode worker goes back to the pool
-    decoder.close()
+    try:
+        predictor = Predictor.load(make_registry(config), args.model, kind, precision, engine_options(config, kind))
+        manifest = predictor.manifest
+        key = load_or_create_key(config.state_dir / "device.key")
+        seq = SequenceCounter(config.state_dir / "cli.seq")
+        identity = DeviceIdentity(config.device.id, config.device.site)
+        spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
+        decoder.wait_ready()  # the worker's start-up is not the first input's latency
+        for path in args.paths:
+            inp = None
+            try:
+                t_open = time.monotonic()
+                inp = decoder.open(path)
+                if inp.modality and manifest.modality and inp.modality not in manifest.modality:
+                    raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
+                for index in range(inp.n_frames):
+                    captured = t_open if index == 0 else time.monotonic()
+                    pixels = inp.frame(index, manifest.windowing)
+                    frame = Frame(
+                        pixels=pixels,
+                        source_kind="file",
+                        source_name=path,
+                        captured_at=captured,
+                        study=study_ref(inp, key, index),
+                        pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
+                    )
+                    frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
+                    prediction = predictor.predict(frame)
+                    finding = build_finding(
+                        identity=identity,
+                        seq=seq.next(),
+                        frame=frame,
+                        model=predictor.ref,
+                        head=prediction.head,
+                        capture_to_result_ms=prediction.capture_to_result_ms,
+                        budget_ms=manifest.latency_budget_ms,
+                    )
+                    print(to_json(finding), flush=True)
+            except EdgeError as exc:
+                error_line(exc)
+                failed += 1
+            except Exception as exc:  # a bug on one input must not stop the others; still one line
+                error_line(InputError(path, f"internal error {type(exc).__name__}: {exc}"))
+                failed += 1
+            finally:
+                if inp is not None:
+                    inp.close()  # the decode worker goes back to the pool
+    finally:
+        decoder.close()  # also after a failed model load or Ctrl-C
     return 1 if failed else 0
 
 

@@ -58,7 +58,8 @@ class ImagingSection:
     max_pixel_bytes: int = 1 << 30
     max_decode_bytes: int = 512 << 20  # estimated peak of decoding one frame (imaging/guard.py); fits a 2 GB board
     decode_workers: int = 1  # processes that decode untrusted files (imaging/isolation.py)
-    decode_timeout_s: float = 60.0  # one request (open a file, decode a frame); a hung decoder is killed after it
+    decode_timeout_s: float = 15.0  # one request (open a file, decode a frame); a hung decoder is killed after it
+    # (kept under service.stall_timeout_s, or the watchdog restarts the daemon before the decoder is killed)
     decode_worker_memory_bytes: int = 1 << 30  # address space a decode worker may add to its start-up size
 
 

@@ -9,6 +9,7 @@ from typing import Any
 from edge_runtime.config import Config
 from edge_runtime.errors import EdgeError
 from edge_runtime.registry import ModelRegistry, verify_variant
+from edge_runtime.statelock import holder_pid
 
 # Transfer syntaxes a scanner or detector is likely to send, by name.
 TRANSFER_SYNTAXES = (
@@ -141,7 +142,6 @@ def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[s
     """With --config: each source opened briefly and the broker reached, as `edge-runtime check` does; a source
     that cannot work fails doctor (a dead video device must not read as 'all checks passed')."""
     from edge_runtime.check import broker_problems, model_problems, source_problems
-    from edge_runtime.statelock import holder_pid
 
     pid = holder_pid(config.state_dir)
     problems, notes = source_problems(config, pid)
@@ -186,9 +186,11 @@ def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True
         {"title": "DICOM decoders", "checks": decoder_checks()},
         {"title": "Models", "checks": model_checks(config, registry, load_models)},
     ]
+    echoed = False  # with the daemon running, the configuration checks already C-ECHO its SCPs
     if config.source_path and (config.sources or config.mqtt.broker):
         sections.append({"title": "Configuration", "checks": configuration_checks(config, registry)})
-    scp = scp_checks(config)
+        echoed = holder_pid(config.state_dir) is not None
+    scp = [] if echoed else scp_checks(config)
     if scp:
         sections.append({"title": "DICOM network", "checks": scp})
     failures = [c for s in sections for c in s["checks"] if c["status"] == "fail"]

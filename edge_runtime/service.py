@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import signal
@@ -164,7 +165,11 @@ class Service:
 
         from edge_runtime.imaging.isolation import DecodePool
 
-        self.decoder = DecodePool.from_config(config.imaging)  # study files are untrusted: decoded in workers
+        # Study files are untrusted: decoded in workers, at least one per study source, so that a source never
+        # waits (busy, as the watchdog sees it) for a worker another source's long study holds.
+        studies = sum(s.kind in ("dicom-folder", "dicom-scp") for s in config.sources)
+        imaging = dataclasses.replace(config.imaging, decode_workers=max(config.imaging.decode_workers, studies))
+        self.decoder = DecodePool.from_config(imaging)
 
     # ------------------------------------------------------------ start-up
     def start(self) -> None:
@@ -466,10 +471,10 @@ class Service:
         try:
             last, frames, ms = self._process_study(src, item, predictor, budget_ms, progress)
             item.done()
-            what = study_summary(last) if last is not None else "already committed before a restart"
-            log.info("%s: %s -> %s: %s, %.0f ms%s", src.name, item.path.name, predictor.manifest.name, what, ms,
-                     f" ({frames} frames, last shown)" if frames > 1 else "",
-                     extra={"source": src.name, "model": predictor.manifest.name, "input": item.path.name})
+            if last is not None:  # None: every frame was committed before (a restart, a byte-identical copy)
+                log.info("%s: %s -> %s: %s, %.0f ms%s", src.name, item.path.name, predictor.manifest.name,
+                         study_summary(last), ms, f" ({frames} frames, last shown)" if frames > 1 else "",
+                         extra={"source": src.name, "model": predictor.manifest.name, "input": item.path.name})
         except InputError as exc:
             m.input_errors.labels(src.name).inc()
             m.quarantined.labels(src.name).inc()
@@ -562,7 +567,10 @@ class Service:
         for stage, ms in frame.timings_ms.items():
             m.latency.labels(model, stage).observe(ms)
         m.latency.labels(model, "capture_to_result").observe(total_ms)
-        self.windows.setdefault(model, deque(maxlen=LATENCY_WINDOW)).append(total_ms)
+        window = self.windows.get(model)
+        if window is None:  # not setdefault: that would build a deque for every finding
+            window = self.windows[model] = deque(maxlen=LATENCY_WINDOW)
+        window.append(total_ms)
         if total_ms > budget_ms:
             m.budget_misses.labels(model).inc()
         m.findings.labels(model, priority).inc()

@@ -150,3 +150,13 @@ def test_an_scp_port_held_by_the_running_daemon_must_answer_c_echo(tmp_path):
         assert "holds the port but association rejected" in problems[0].problem
     finally:
         scp.stop()
+
+
+def test_imaging_limits_must_be_positive_and_a_decode_must_time_out_before_the_watchdog(tmp_path, models_root):
+    config = write(tmp_path, models_root, folder("xray", tmp_path / "inbox"),
+                   extra="[imaging]\ndecode_workers = 0\ndecode_timeout_s = 30\n")
+    r = edge("check", "--config", str(config))
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = problem_lines(r.stdout)
+    assert any("imaging.decode_workers" in line and "must be above 0" in line for line in lines), r.stdout
+    assert any("imaging.decode_timeout_s" in line and "stall_timeout_s" in line for line in lines), r.stdout

@@ -641,3 +641,13 @@ def test_run_logs_only_json_lifecycle_at_info_and_status_watch_redraws(tmp_path)
     assert any(level == "warning" and m.startswith("ready in") and "grabber down" in m for level, m in messages)
     assert ("info", "stopping (SIGTERM)") in messages
     assert any(level == "info" and m.startswith("stopped in") for level, m in messages)
+
+
+def test_each_study_source_gets_its_own_decode_worker(tmp_path):
+    """One worker shared by two inboxes would leave the second source waiting, busy as the watchdog sees it, for as
+    long as the first one's study takes: the pool has at least one worker per study source."""
+    two = folder_source(tmp_path / "a") + folder_source(tmp_path / "b").replace('name = "xray"', 'name = "xray-2"')
+    service = Service(load_config(write_config(tmp_path, two)))
+    assert service.decoder.size == 2
+    one = Service(load_config(write_config(tmp_path, folder_source(tmp_path / "a"))))
+    assert one.decoder.size == 1

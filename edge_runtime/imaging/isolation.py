@@ -33,6 +33,7 @@ from edge_runtime.imaging.dicom import DicomMeta
 from edge_runtime.imaging.guard import DecodeLimits
 from edge_runtime.imaging.inputs import sniff
 from edge_runtime.imaging.reasons import first_line
+from edge_runtime.registry import sha256_file
 
 log = logging.getLogger("edge_runtime.decode")
 
@@ -252,7 +253,7 @@ class IsolatedInput:
 
     def _hash(self) -> None:
         try:
-            self._digest = file_sha256(self.path)
+            self._digest = sha256_file(self.path)
         except OSError:
             self._digest = ""  # the file vanished under us: the caller's next step on it says so
 
@@ -304,16 +305,6 @@ class IsolatedInput:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def file_sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _pair(value) -> tuple[float, float] | None:
