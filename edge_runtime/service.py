@@ -455,8 +455,6 @@ class Service:
         t_open = time.monotonic()
         finding = None
         inp = open_input(item.path, self.config.imaging.max_pixel_bytes)
-        if inp.modality and manifest.modality and inp.modality not in manifest.modality:
-            raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
         if inp.meta is not None and inp.meta.instance_uid:
             base = pseudonym(self.key, inp.meta.instance_uid)
         else:
@@ -474,7 +472,8 @@ class Service:
                 pseudonym(self.key, meta.study_uid) if meta else "",
                 pseudonym(self.key, meta.series_uid) if meta else "",
                 pseudonym(self.key, meta.instance_uid) if meta else "",
-                inp.modality, index)
+                inp.modality, index, body_part=meta.body_part if meta else "",
+                view_position=meta.view_position if meta else "", photometric=meta.photometric if meta else "")
             frame = Frame(inp.frame(index, manifest.windowing), src.kind, item.path.name, captured_at=captured,
                           study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
