@@ -242,3 +242,28 @@ def test_infer_refuses_an_implausible_pixel_spacing_naming_the_input(tmp_path, v
     assert r.returncode == 1 and r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and hc18 in lines[0] and "pixel spacing" in lines[0], r.stderr
+
+
+@needs_shared
+def test_a_dicom_with_an_absurd_pixel_spacing_is_refused_naming_the_file(tmp_path):
+    import pydicom
+
+    ds = pydicom.dcmread(DICOM_DIR / "pydicom-data" / "OBXXXX1A.dcm")
+    ds.PixelSpacing = [6.0, 6.0]  # mm per pixel: a cm/mm mix-up
+    path = tmp_path / "ob.dcm"
+    ds.save_as(path)
+    r = edge("--config", private_config(tmp_path), "infer", "--model", "fetal-head", str(path))
+    assert r.returncode == 1 and r.stdout == ""
+    (line,) = r.stderr.strip().splitlines()
+    assert str(path) in line and "pixel spacing 6.0 mm" in line
+
+
+@pytest.mark.parametrize("value", ["6.0", "nan", "-0.5"])
+def test_configuration_refuses_an_implausible_video_pixel_spacing(tmp_path, value):
+    from edge_runtime.config import load_config
+
+    path = tmp_path / "edge.toml"
+    path.write_text('[[sources]]\nname = "probe"\nkind = "video"\nmodel = "fetal-head"\ndevice = "/dev/video0"\n'
+                    f"pixel_spacing_mm = {value}\n")
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.pixel_spacing_mm"):
+        load_config(path)
