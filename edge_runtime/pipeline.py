@@ -6,7 +6,7 @@ result is reported."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -18,7 +18,19 @@ from edge_runtime.frames import Frame, Stopwatch
 from edge_runtime.heads import HeadResult, make_head
 from edge_runtime.imaging.preprocess import prepare
 from edge_runtime.registry import ModelManifest, ModelRegistry, Variant, verify_variant
-from edge_runtime.scope import ContentGate, check_pixel_spacing, header_confirms, metadata_refusal, not_assessed
+from edge_runtime.scope import ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal, not_assessed
+
+
+def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
+    """The manifest's content gate with the variant's own limit, where it has one (the header-confirmed limit
+    keeps its ratio to the strict one)."""
+    spec = manifest.scope.content
+    if variant.scope_threshold is None or spec is None:
+        return spec
+    relaxed = spec.header_confirmed_threshold
+    if relaxed is not None:
+        relaxed = relaxed * variant.scope_threshold / spec.threshold
+    return replace(spec, threshold=variant.scope_threshold, header_confirmed_threshold=relaxed)
 
 
 @dataclass
@@ -35,7 +47,7 @@ class Predictor:
         self.variant = variant
         self.engine = engine
         self.head = make_head(manifest)
-        self.gate = ContentGate(manifest.name, manifest.scope.content) if manifest.scope.content else None
+        self.gate = ContentGate(manifest.name, gate_spec(manifest, variant)) if manifest.scope.content else None
         if self.gate is not None:
             self._check_features_output()
         self.ref = ModelRef(

@@ -75,6 +75,7 @@ class Variant:
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_path: Path | None = None  # OpenVINO IR .bin beside the .xml
     weights_sha256: str | None = None
+    scope_threshold: float | None = None  # this variant's content-gate limit (quantized features drift from FP32's)
 
 
 @dataclass(frozen=True)
@@ -244,6 +245,7 @@ def parse_manifest(path: Path) -> ModelManifest:
                 metrics=v.get("metrics", dict, {}),
                 weights_path=path.parent / weights if weights else None,
                 weights_sha256=v.get("weights_sha256", str, None),
+                scope_threshold=v.get("scope_threshold", float, None),
             )
         )
     modality = r.list_of("modality", str)

@@ -254,9 +254,34 @@ def content_gate(train: np.ndarray, val_by_condition: dict[str, np.ndarray], neg
     return report, mean, precision
 
 
-def variant_val_refusal(manifest, variant_id: str, engine: str, val_imgs, mean, precision, threshold) -> float:
+def variant_val_refusal(manifest, variant_id: str, engine: str, val_px, mean, precision, threshold) -> float:
     runner = Runner(manifest, variant_id, engine)
-    return rate(mahalanobis_sq(features_of(runner, val_imgs), mean, precision), threshold)
+    return rate(mahalanobis_sq(features_of(runner, val_px), mean, precision), threshold)
+
+
+def variant_thresholds(manifest, val_px, mean, precision, fp32_threshold: float) -> dict:
+    """Each INT8 variant's own limit, by the FP32 rule (99th percentile of validation scores, clean and under
+    each augmentation pooled) on each engine it runs on, the highest kept: quantized features drift from the
+    FP32 statistics, and one shared limit refused up to 3 % of in-scope images on an INT8 variant."""
+    out = {}
+    augs = augmentations()
+    for v in manifest.variants:
+        if v.precision == "fp32":
+            continue
+        per_engine = {}
+        for engine in v.engines:
+            runner = Runner(manifest, v.id, engine)
+            clean = mahalanobis_sq(features_of(runner, val_px), mean, precision)
+            pooled = np.concatenate([clean] + [mahalanobis_sq(features_of(runner, (f(px) for px in val_px)), mean,
+                                                              precision) for k, f in augs.items() if k != "none"])
+            per_engine[engine] = {"limit": float(np.percentile(pooled, 99)),
+                                  "val_refused_at_fp32_limit": rate(clean, fp32_threshold)}
+        limit = max(e["limit"] for e in per_engine.values())
+        for e, r in per_engine.items():
+            r["val_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(Runner(manifest, v.id, e), val_px),
+                                                                mean, precision), limit)
+        out[v.id] = {"scope_threshold": limit, "engines": per_engine}
+    return out
 
 
 # ------------------------------------------------------------------ chest
@@ -291,6 +316,7 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
     cs = mahalanobis_sq(features_of(runner, [runner.pixels(p) for p in chest_dicoms]), mean, precision)
     gate["shared_chest_dicoms_distance"] = {p.name: round(float(v), 1) for p, v in zip(chest_dicoms, cs)}
     if not quick:
+        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"])
         gate["val_refused_int8_qdq_onnxruntime"] = variant_val_refusal(
             manifest, "int8-qdq", "onnxruntime", val_px, mean, precision, gate["threshold"])
         gate["val_refused_int8_qdq_openvino"] = variant_val_refusal(
@@ -405,6 +431,7 @@ def run_fetal(manifest, data: Path, quick: bool) -> dict:
     sc = mahalanobis_sq(features_of(runner, [runner.pixels(p) for p in ob]), mean, precision)
     gate["shared_obstetric_dicoms_distance"] = {p.name: round(float(v), 1) for p, v in zip(ob, sc)}
     if not quick:
+        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"])
         for vid, eng in (("int8-qdq", "onnxruntime"), ("int8-ov", "openvino")):
             gate[f"val_refused_{vid}_{eng}"] = variant_val_refusal(manifest, vid, eng, val_px, mean, precision,
                                                                    gate["threshold"])

@@ -267,3 +267,12 @@ def test_configuration_refuses_an_implausible_video_pixel_spacing(tmp_path, valu
                     f"pixel_spacing_mm = {value}\n")
     with pytest.raises(ConfigError, match=r"sources\[0\]\.pixel_spacing_mm"):
         load_config(path)
+
+
+def test_a_variant_can_carry_its_own_content_limit(tmp_path):
+    folder = tiny_gated_classifier(tmp_path / "models" / "gated", threshold=4.0, header_confirmed=8.0)
+    text = (folder / "manifest.toml").read_text()
+    (folder / "manifest.toml").write_text(text.replace('precision = "fp32"\n', 'precision = "fp32"\nscope_threshold = 30.0\n'))
+    p = Predictor.load(ModelRegistry([tmp_path / "models"]), "gated", "onnxruntime")
+    assert p.gate.limit(False) == 30.0 and p.gate.limit(True) == 60.0  # the header-confirmed ratio is kept
+    assert p.predict(frame_of(250)).head.result["assessed"] is True  # distance 23: inside this variant's limit
