@@ -259,7 +259,8 @@ def variant_val_refusal(manifest, variant_id: str, engine: str, val_px, mean, pr
     return rate(mahalanobis_sq(features_of(runner, val_px), mean, precision), threshold)
 
 
-def variant_thresholds(manifest, val_px, mean, precision, fp32_threshold: float) -> dict:
+def variant_thresholds(manifest, val_px, mean, precision, fp32_threshold: float,
+                       negatives: dict[str, list] | None = None) -> dict:
     """Each INT8 variant's own limit, by the FP32 rule (99th percentile of validation scores, clean and under
     each augmentation pooled) on each engine it runs on, the highest kept: quantized features drift from the
     FP32 statistics, and one shared limit refused up to 3 % of in-scope images on an INT8 variant."""
@@ -278,8 +279,11 @@ def variant_thresholds(manifest, val_px, mean, precision, fp32_threshold: float)
                                   "val_refused_at_fp32_limit": rate(clean, fp32_threshold)}
         limit = max(e["limit"] for e in per_engine.values())
         for e, r in per_engine.items():
-            r["val_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(Runner(manifest, v.id, e), val_px),
-                                                                mean, precision), limit)
+            runner = Runner(manifest, v.id, e)
+            r["val_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(runner, val_px), mean, precision), limit)
+            for name, items in (negatives or {}).items():  # paths or pixel arrays
+                imgs = (runner.pixels(i) if isinstance(i, Path) else i for i in items)
+                r[f"{name}_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(runner, imgs), mean, precision), limit)
         out[v.id] = {"scope_threshold": limit, "engines": per_engine}
     return out
 
@@ -290,8 +294,8 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
     train = cxr_items_with_groups(root, "train")
     val = cxr_items_with_groups(root, "val")
     if quick:
-        train = [train[i] for i in RNG.choice(len(train), 300, replace=False)]
-        val = [val[i] for i in RNG.choice(len(val), 200, replace=False)]
+        train = [train[i] for i in RNG.choice(len(train), 150, replace=False)]
+        val = [val[i] for i in RNG.choice(len(val), 80, replace=False)]
     runner = Runner(manifest)
     val_px = [runner.pixels(p) for p, _, _ in val]
     augs = augmentations()
@@ -302,13 +306,13 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
         val_feats[name] = np.stack([o[1] for o in outs])
     hc18 = sorted((data / "hc18" / "images").glob("*_HC.png"))
     if quick:
-        hc18 = hc18[:100]
+        hc18 = hc18[:40]
     chest = ("RG1", "966")
     dicoms = [p for p in shared_dicoms(data) if p.name.split("_")[0] not in chest]
     negatives = {
         "hc18-ultrasound": features_of(runner, (runner.pixels(p) for p in hc18)),
         "shared-dicom-not-chest": features_of(runner, (runner.pixels(p) for p in dicoms)),
-        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(10 if quick else 40, (512, 512)).items()},
+        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(4 if quick else 40, (512, 512)).items()},
     }
     train_feats = train_with_shift(runner, (runner.pixels(p) for p, _, _ in train))
     gate, mean, precision = content_gate(train_feats, val_feats, negatives)
@@ -316,7 +320,9 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
     cs = mahalanobis_sq(features_of(runner, [runner.pixels(p) for p in chest_dicoms]), mean, precision)
     gate["shared_chest_dicoms_distance"] = {p.name: round(float(v), 1) for p, v in zip(chest_dicoms, cs)}
     if not quick:
-        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"])
+        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"], {
+            "hc18-ultrasound": hc18, "shared-dicom-not-chest": dicoms,
+            "synthetic": [i for v in synthetic_images(40, (512, 512)).values() for i in v]})
         gate["val_refused_int8_qdq_onnxruntime"] = variant_val_refusal(
             manifest, "int8-qdq", "onnxruntime", val_px, mean, precision, gate["threshold"])
         gate["val_refused_int8_qdq_openvino"] = variant_val_refusal(
@@ -409,12 +415,12 @@ def run_fetal(manifest, data: Path, quick: bool) -> dict:
     train = hc18_items(root, "train")
     val = hc18_items(root, "val")
     if quick:
-        train, val = train[:150], val[:60]
+        train, val = train[:60], val[:25]
     runner = Runner(manifest)
     val_px = [runner.pixels(it.image) for it in val]
     val_feats = {name: features_of(runner, (f(px) for px in val_px)) for name, f in augmentations().items()}
     cxr = cxr_items_with_groups(data / "cxr-kermany", "val")
-    cxr = [cxr[i] for i in RNG.choice(len(cxr), 60 if quick else 400, replace=False)]
+    cxr = [cxr[i] for i in RNG.choice(len(cxr), 30 if quick else 400, replace=False)]
     dicoms = shared_dicoms(data)
     us_not_head = ("US1", "JPG", "JPEG", "color", "examples", "gdcm")
     negatives = {
@@ -423,7 +429,7 @@ def run_fetal(manifest, data: Path, quick: bool) -> dict:
                                                          if p.name.startswith(("RG", "966")))),
         "shared-dicom-ultrasound-not-fetal-head": features_of(runner, (runner.pixels(p) for p in dicoms
                                                                        if p.name.startswith(us_not_head))),
-        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(10 if quick else 40, (540, 800)).items()},
+        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(4 if quick else 40, (540, 800)).items()},
     }
     train_feats = train_with_shift(runner, (runner.pixels(it.image) for it in train))
     gate, mean, precision = content_gate(train_feats, val_feats, negatives)
@@ -431,7 +437,11 @@ def run_fetal(manifest, data: Path, quick: bool) -> dict:
     sc = mahalanobis_sq(features_of(runner, [runner.pixels(p) for p in ob]), mean, precision)
     gate["shared_obstetric_dicoms_distance"] = {p.name: round(float(v), 1) for p, v in zip(ob, sc)}
     if not quick:
-        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"])
+        gate["variants"] = variant_thresholds(manifest, val_px, mean, precision, gate["threshold"], {
+            "kermany-chest-xray": [p for p, _, _ in cxr],
+            "shared-dicom-radiographs": [p for p in dicoms if p.name.startswith(("RG", "966"))],
+            "shared-dicom-ultrasound-not-fetal-head": [p for p in dicoms if p.name.startswith(us_not_head)],
+            "synthetic": [i for v in synthetic_images(40, (540, 800)).values() for i in v]})
         for vid, eng in (("int8-qdq", "onnxruntime"), ("int8-ov", "openvino")):
             gate[f"val_refused_{vid}_{eng}"] = variant_val_refusal(manifest, vid, eng, val_px, mean, precision,
                                                                    gate["threshold"])
