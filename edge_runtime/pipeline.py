@@ -18,7 +18,8 @@ from edge_runtime.frames import Frame, Stopwatch
 from edge_runtime.heads import HeadResult, make_head
 from edge_runtime.imaging.preprocess import prepare
 from edge_runtime.registry import ModelManifest, ModelRegistry, Variant, verify_variant
-from edge_runtime.scope import ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal, not_assessed
+from edge_runtime.scope import (ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal,
+                                not_assessed)
 
 
 def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
@@ -83,7 +84,27 @@ class Predictor:
         width = outputs[1].size if len(outputs) > 1 else 0
         if width != self.gate.dim:
             raise ModelError(self.manifest.name, f"variant {self.variant.id} has no scope 'features' output of "
-                                                 f"{self.gate.dim} values (found {width}); re-run quantize.scope_features")
+                                                 f"{self.gate.dim} values (found {width}); "
+                                                 "re-run quantize.scope_features")
+
+    def _gated_head(self, outputs: list[np.ndarray], geometry, frame: Frame) -> HeadResult:
+        """The content gate's verdict, else the head's result marked assessed (with how typical the image was)."""
+        score = None
+        if self.gate is not None:
+            score, refused = self.gate.refusal(outputs[1], header_confirms(self.manifest.scope, frame.study))
+            if refused is not None:
+                return not_assessed(self.manifest.task, refused)
+        head = self.head(outputs[0], geometry=geometry, image_hw=frame.pixels.shape[:2],
+                         pixel_spacing_mm=frame.pixel_spacing_mm)
+        result = {"assessed": True, **head.result}
+        if score is not None:  # the hub can watch it drift
+            result["scope_distance"] = round(score, 1)
+            if self.gate.atypical(score):
+                result["needs_review"] = True
+                result["scope_note"] = (f"image atypical for the training set (feature distance {score:.1f} over "
+                                        f"{self.gate.spec.threshold:.1f}); assessed because its DICOM header confirms "
+                                        "the scope")
+        return HeadResult(head.task, result, head.priority)
 
     def predict(self, frame: Frame) -> Prediction:
         manifest = self.manifest
@@ -97,25 +118,5 @@ class Predictor:
         with Stopwatch(frame, "inference"):
             outputs = self.engine.run_all(x) if self.gate is not None else [self.engine.run(x)]
         with Stopwatch(frame, "postprocess"):
-            refused, score = None, None
-            if self.gate is not None:
-                score, refused = self.gate.refusal(outputs[1], header_confirms(manifest.scope, frame.study))
-            if refused is not None:
-                head = not_assessed(manifest.task, refused)
-            else:
-                head = self.head(
-                    outputs[0],
-                    geometry=geometry,
-                    image_hw=frame.pixels.shape[:2],
-                    pixel_spacing_mm=frame.pixel_spacing_mm,
-                )
-                result = {"assessed": True, **head.result}
-                if score is not None:  # how typical the image was: the hub can watch it drift
-                    result["scope_distance"] = round(score, 1)
-                    if self.gate.atypical(score):
-                        result["needs_review"] = True
-                        result["scope_note"] = (f"image atypical for the training set (feature distance {score:.1f} "
-                                                f"over {self.gate.spec.threshold:.1f}); assessed because its DICOM "
-                                                "header confirms the scope")
-                head = HeadResult(head.task, result, head.priority)
+            head = self._gated_head(outputs, geometry, frame)
         return Prediction(head, (time.monotonic() - frame.captured_at) * 1000.0)

@@ -101,8 +101,9 @@ class ContentGate:
         data = spec.path.read_bytes()
         actual = hashlib.sha256(data).hexdigest()
         if actual != spec.sha256:
-            raise ModelError(model, f"scope gate file {spec.path.name}: sha256 mismatch (manifest {spec.sha256[:12]}..., "
-                                    f"file {actual[:12]}...); the file is corrupt or was replaced: reinstall the model")
+            raise ModelError(model, f"scope gate file {spec.path.name}: sha256 mismatch (manifest "
+                                    f"{spec.sha256[:12]}..., file {actual[:12]}...); the file is corrupt or was "
+                                    "replaced: reinstall the model")
         with np.load(spec.path) as z:
             self.mean = z["mean"]
             self.precision = z["precision"]

@@ -61,7 +61,8 @@ def add_onnx_features(path: Path, tensors: tuple[str, ...]) -> bool:
             pooled.append(src)
             continue
         graph.node.append(helper.make_node("GlobalAveragePool", [src], [f"features_gap{i}"], name=f"features_gap{i}"))
-        graph.node.append(helper.make_node("Flatten", [f"features_gap{i}"], [f"features_{i}"], name=f"features_flat{i}"))
+        graph.node.append(helper.make_node("Flatten", [f"features_gap{i}"], [f"features_{i}"],
+                                           name=f"features_flat{i}"))
         pooled.append(f"features_{i}")
     graph.node.append(helper.make_node("Concat", pooled, [FEATURES], name="features_concat", axis=1))
     graph.output.append(helper.make_tensor_value_info(FEATURES, TensorProto.FLOAT, [1, None]))

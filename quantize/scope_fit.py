@@ -283,7 +283,8 @@ def variant_thresholds(manifest, val_px, mean, precision, fp32_threshold: float,
             r["val_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(runner, val_px), mean, precision), limit)
             for name, items in (negatives or {}).items():  # paths or pixel arrays
                 imgs = (runner.pixels(i) if isinstance(i, Path) else i for i in items)
-                r[f"{name}_refused_at_own_limit"] = rate(mahalanobis_sq(features_of(runner, imgs), mean, precision), limit)
+                scores = mahalanobis_sq(features_of(runner, imgs), mean, precision)
+                r[f"{name}_refused_at_own_limit"] = rate(scores, limit)
         out[v.id] = {"scope_threshold": limit, "engines": per_engine}
     return out
 
@@ -312,7 +313,8 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
     negatives = {
         "hc18-ultrasound": features_of(runner, (runner.pixels(p) for p in hc18)),
         "shared-dicom-not-chest": features_of(runner, (runner.pixels(p) for p in dicoms)),
-        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(4 if quick else 40, (512, 512)).items()},
+        **{f"synthetic-{k}": features_of(runner, v)
+           for k, v in synthetic_images(4 if quick else 40, (512, 512)).items()},
     }
     train_feats = train_with_shift(runner, (runner.pixels(p) for p, _, _ in train))
     gate, mean, precision = content_gate(train_feats, val_feats, negatives)
@@ -391,13 +393,15 @@ def run_cxr(manifest, data: Path, quick: bool) -> dict:
         p8 = softmax2(np.stack([int8.run(px)[0].reshape(-1) for px in val_px]), t)[:, 1]
         se, sp = sens_spec(p8, y, best)
         op["int8_qdq_onnxruntime"] = {"auc": auc(p8, y), "sensitivity": se, "specificity": sp,
-                                      "ece15": ece(p8, y), "decision_changes_vs_fp32": int(((p8 >= best) != (p_aug["none"] >= best)).sum())}
+                                      "ece15": ece(p8, y),
+                                      "decision_changes_vs_fp32": int(((p8 >= best) != (p_aug["none"] >= best)).sum())}
     # needs_review on the evaluation half: how often, and how many of the errors it catches.
     from edge_runtime.heads.classification import needs_review
 
     labels = ("normal", "pneumonia")
     pred = p_cal[ev] >= best
-    review = np.array([needs_review(np.array([1 - q, q]), labels, labels[int(d)], qhat) for q, d in zip(p_cal[ev], pred)])
+    review = np.array([needs_review(np.array([1 - q, q]), labels, labels[int(d)], qhat)
+                       for q, d in zip(p_cal[ev], pred)])
     wrong = pred != (y[ev] == 1)
     calib["needs_review_rate_eval_half"] = float(review.mean())
     calib["error_rate_eval_half"] = float(wrong.mean())
@@ -429,7 +433,8 @@ def run_fetal(manifest, data: Path, quick: bool) -> dict:
                                                          if p.name.startswith(("RG", "966")))),
         "shared-dicom-ultrasound-not-fetal-head": features_of(runner, (runner.pixels(p) for p in dicoms
                                                                        if p.name.startswith(us_not_head))),
-        **{f"synthetic-{k}": features_of(runner, v) for k, v in synthetic_images(4 if quick else 40, (540, 800)).items()},
+        **{f"synthetic-{k}": features_of(runner, v)
+           for k, v in synthetic_images(4 if quick else 40, (540, 800)).items()},
     }
     train_feats = train_with_shift(runner, (runner.pixels(it.image) for it in train))
     gate, mean, precision = content_gate(train_feats, val_feats, negatives)

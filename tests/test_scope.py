@@ -93,10 +93,10 @@ def tiny_gated_classifier(folder: Path, threshold: float = 4.0, header_confirmed
     onnx.save(model, str(folder / "model.onnx"))
     digest = write_statistics(folder / "scope-features.npz", np.array([0.5]), np.array([[100.0]]))
     text = CLASSIFIER_MANIFEST.format(name=folder.name, sha=sha256(folder / "model.onnx"))
-    text = text.replace("[[variants]]", f'[scope]\nbody_part = ["CHEST"]\n\n[scope.content]\nfile = "scope-features.npz"\n'
-                                        f'sha256 = "{digest}"\nthreshold = {threshold}\n'
-                                        + (f"header_confirmed_threshold = {header_confirmed}\n" if header_confirmed else "")
-                                        + '\n[[variants]]')
+    relaxed = f"header_confirmed_threshold = {header_confirmed}\n" if header_confirmed else ""
+    scope = (f'[scope]\nbody_part = ["CHEST"]\n\n[scope.content]\nfile = "scope-features.npz"\n'
+             f'sha256 = "{digest}"\nthreshold = {threshold}\n{relaxed}\n[[variants]]')
+    text = text.replace("[[variants]]", scope)
     (folder / "manifest.toml").write_text(text)
     return folder
 
@@ -150,7 +150,8 @@ def test_scope_table_is_validated(tmp_path):
     assert manifest.scope.body_part == ("CHEST",) and manifest.scope.modality == ("CR", "DX")
     assert manifest.scope.content.threshold == 4.0
     text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(text.replace("threshold = 4.0\n\n[[variants]]", "threshold = -1.0\n\n[[variants]]"))
+    (folder / "manifest.toml").write_text(text.replace("threshold = 4.0\n\n[[variants]]",
+                                                       "threshold = -1.0\n\n[[variants]]"))
     with pytest.raises(ConfigError, match="scope.content.threshold"):
         parse_manifest(folder / "manifest.toml")
 
@@ -272,7 +273,8 @@ def test_configuration_refuses_an_implausible_video_pixel_spacing(tmp_path, valu
 def test_a_variant_can_carry_its_own_content_limit(tmp_path):
     folder = tiny_gated_classifier(tmp_path / "models" / "gated", threshold=4.0, header_confirmed=8.0)
     text = (folder / "manifest.toml").read_text()
-    (folder / "manifest.toml").write_text(text.replace('precision = "fp32"\n', 'precision = "fp32"\nscope_threshold = 30.0\n'))
+    (folder / "manifest.toml").write_text(text.replace('precision = "fp32"\n',
+                                                       'precision = "fp32"\nscope_threshold = 30.0\n'))
     p = Predictor.load(ModelRegistry([tmp_path / "models"]), "gated", "onnxruntime")
     assert p.gate.limit(False) == 30.0 and p.gate.limit(True) == 60.0  # the header-confirmed ratio is kept
     assert p.predict(frame_of(250)).head.result["assessed"] is True  # distance 23: inside this variant's limit

@@ -49,7 +49,8 @@ class SegmentationHead:
         if ellipse is None or area_fraction < self.spec.min_area_fraction:
             reason = f"no fetal head found in the frame (head mask {area_fraction:.1%} of the image, " \
                      f"at least {self.spec.min_area_fraction:.1%} needed)"
-            result = {"detected": False, "measurements": {}, "reason": reason, "note": "no fetal head found in the frame"}
+            result = {"detected": False, "measurements": {}, "reason": reason,
+                      "note": "no fetal head found in the frame"}
             return HeadResult(self.task, result, "routine")
         quality = ellipse_quality(component, ellipse)
         if quality < self.spec.min_fit_quality:
