@@ -59,6 +59,9 @@ def study_ref(inp: InputImage, key: bytes, frame_index: int) -> StudyRef:
         instance_id=pseudonym(key, meta.instance_uid),
         modality=meta.modality,
         frame_index=frame_index,
+        body_part=meta.body_part,
+        view_position=meta.view_position,
+        photometric=meta.photometric,
     )
 
 
@@ -80,15 +83,14 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
         key = load_or_create_key(config.state_dir / "device.key")
         seq = SequenceCounter(config.state_dir / "cli.seq")
         identity = DeviceIdentity(config.device.id, config.device.site)
-        spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing else None
+        # 0 is a value to refuse (scope.check_pixel_spacing, per input), not 'absent'
+        spacing = (args.pixel_spacing, args.pixel_spacing) if args.pixel_spacing is not None else None
         decoder.wait_ready()  # the worker's start-up is not the first input's latency
         for path in args.paths:
             inp = None
             try:
                 t_open = time.monotonic()
                 inp = decoder.open(path)
-                if inp.modality and manifest.modality and inp.modality not in manifest.modality:
-                    raise InputError(path, f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
                 for index in range(inp.n_frames):
                     captured = t_open if index == 0 else time.monotonic()
                     pixels = inp.frame(index, manifest.windowing)
@@ -98,7 +100,7 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
                         source_name=path,
                         captured_at=captured,
                         study=study_ref(inp, key, index),
-                        pixel_spacing_mm=spacing or inp.pixel_spacing_mm,
+                        pixel_spacing_mm=spacing if spacing is not None else inp.pixel_spacing_mm,
                     )
                     frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
                     prediction = predictor.predict(frame)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ConfigError
+from edge_runtime.scope import MAX_PIXEL_SPACING_MM
 
 
 def default_state_dir() -> Path:
@@ -252,6 +253,10 @@ def check_sources(config: Config) -> None:
         for key in SOURCE_REQUIRED[src.kind]:
             if not getattr(src, key):
                 raise ConfigError(path, f"key '{where}.{key}' is required for a {src.kind} source")
+        spacing = src.pixel_spacing_mm  # 0 = unknown; NaN fails both comparisons
+        if spacing != 0 and not 0 < spacing <= MAX_PIXEL_SPACING_MM:
+            raise ConfigError(path, f"key '{where}.pixel_spacing_mm' must be 0 (unknown) or > 0 and <= "
+                                    f"{MAX_PIXEL_SPACING_MM:g} mm/pixel; got {spacing}")
         if src.name in seen:
             raise ConfigError(path, f"key '{where}.name' repeats the source name {src.name!r}")
         seen.add(src.name)

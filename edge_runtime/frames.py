@@ -16,6 +16,10 @@ class StudyRef:
     instance_id: str = ""
     modality: str = ""
     frame_index: int = 0
+    # Header facts the scope gate checks (empty when the input has no such tag, e.g. a PNG).
+    body_part: str = ""
+    view_position: str = ""
+    photometric: str = ""
 
 
 @dataclass

@@ -1,16 +1,37 @@
-"""Per-model worker: preprocess -> engine -> head, with each stage timed on the frame."""
+"""Per-model worker: scope gates, preprocess -> engine -> head, with each stage timed on the frame.
+
+The scope gates (edge_runtime.scope) run here so that every caller, `infer` and the daemon alike, gets them:
+the metadata gate before any pixel work, the content gate on the engine's "features" output before the head's
+result is reported."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from edge_runtime.engines import EngineOptions, load_engine, resolve_auto
 from edge_runtime.engines.base import Engine
+from edge_runtime.errors import ModelError
 from edge_runtime.findings import ModelRef
 from edge_runtime.frames import Frame, Stopwatch
 from edge_runtime.heads import HeadResult, make_head
 from edge_runtime.imaging.preprocess import prepare
 from edge_runtime.registry import ModelManifest, ModelRegistry, Variant, verify_variant
+from edge_runtime.scope import (ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal,
+                                not_assessed)
+
+
+def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
+    """The manifest's content gate with the variant's own limit, where it has one (the header-confirmed limit
+    keeps its ratio to the strict one)."""
+    spec = manifest.scope.content
+    if variant.scope_threshold is None or spec is None:
+        return spec
+    relaxed = spec.header_confirmed_threshold
+    if relaxed is not None:
+        relaxed = relaxed * variant.scope_threshold / spec.threshold
+    return replace(spec, threshold=variant.scope_threshold, header_confirmed_threshold=relaxed)
 
 
 @dataclass
@@ -27,6 +48,9 @@ class Predictor:
         self.variant = variant
         self.engine = engine
         self.head = make_head(manifest)
+        self.gate = ContentGate(manifest.name, gate_spec(manifest, variant)) if manifest.scope.content else None
+        if self.gate is not None:
+            self._check_features_output()
         self.ref = ModelRef(
             name=manifest.name,
             version=manifest.version,
@@ -54,16 +78,45 @@ class Predictor:
         loaded = load_engine(kind, variant.path, manifest.input.shape, options or EngineOptions())
         return cls(manifest, variant, loaded)
 
+    def _check_features_output(self) -> None:
+        """A variant without the features output (or of another width) cannot be gated: refuse it at load."""
+        outputs = self.engine.run_all(np.zeros(self.manifest.input.shape, dtype=np.float32))
+        width = outputs[1].size if len(outputs) > 1 else 0
+        if width != self.gate.dim:
+            raise ModelError(self.manifest.name, f"variant {self.variant.id} has no scope 'features' output of "
+                                                 f"{self.gate.dim} values (found {width}); "
+                                                 "re-run quantize.scope_features")
+
+    def _gated_head(self, outputs: list[np.ndarray], geometry, frame: Frame) -> HeadResult:
+        """The content gate's verdict, else the head's result marked assessed (with how typical the image was)."""
+        score = None
+        if self.gate is not None:
+            score, refused = self.gate.refusal(outputs[1], header_confirms(self.manifest.scope, frame.study))
+            if refused is not None:
+                return not_assessed(self.manifest.task, refused)
+        head = self.head(outputs[0], geometry=geometry, image_hw=frame.pixels.shape[:2],
+                         pixel_spacing_mm=frame.pixel_spacing_mm)
+        result = {"assessed": True, **head.result}
+        if score is not None:  # the hub can watch it drift
+            result["scope_distance"] = round(score, 1)
+            if self.gate.atypical(score):
+                result["needs_review"] = True
+                result["scope_note"] = (f"image atypical for the training set (feature distance {score:.1f} over "
+                                        f"{self.gate.spec.threshold:.1f}); assessed because its DICOM header confirms "
+                                        "the scope")
+        return HeadResult(head.task, result, head.priority)
+
     def predict(self, frame: Frame) -> Prediction:
+        manifest = self.manifest
+        reason = metadata_refusal(manifest.scope, frame.study, manifest.name)
+        if reason is not None:
+            return Prediction(not_assessed(manifest.task, reason), (time.monotonic() - frame.captured_at) * 1000.0)
+        if manifest.task == "segmentation":
+            check_pixel_spacing(frame.source_name, frame.pixel_spacing_mm)
         with Stopwatch(frame, "preprocess"):
-            x, geometry = prepare(frame.pixels, self.manifest.preprocess)
+            x, geometry = prepare(frame.pixels, manifest.preprocess)
         with Stopwatch(frame, "inference"):
-            y = self.engine.run(x)
+            outputs = self.engine.run_all(x) if self.gate is not None else [self.engine.run(x)]
         with Stopwatch(frame, "postprocess"):
-            head = self.head(
-                y,
-                geometry=geometry,
-                image_hw=frame.pixels.shape[:2],
-                pixel_spacing_mm=frame.pixel_spacing_mm,
-            )
+            head = self._gated_head(outputs, geometry, frame)
         return Prediction(head, (time.monotonic() - frame.captured_at) * 1000.0)

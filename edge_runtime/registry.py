@@ -17,6 +17,7 @@ from typing import Any
 
 from edge_runtime.errors import ConfigError, ModelError
 from edge_runtime.imaging.preprocess import CHANNELS, INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
+from edge_runtime.scope import ContentGateSpec, ScopeSpec
 
 MANIFEST = "manifest.toml"
 SIGNATURE = "manifest.toml.sig"
@@ -50,6 +51,8 @@ class DecisionSpec:
     threshold: float
     urgent_if_positive: bool
     threshold_rule: str = ""
+    temperature: float = 1.0  # logits / temperature before the activation (fitted on held-out data)
+    conformal_qhat: float | None = None  # split-conformal score threshold: needs_review when the set is not {label}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class SegmentationSpec:
     measurement: str
     gestational_age: str
     min_area_fraction: float
+    min_fit_quality: float = 0.0  # IoU of the mask with its fitted ellipse below which nothing is measured
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class Variant:
     metrics: dict[str, Any] = field(default_factory=dict)
     weights_path: Path | None = None  # OpenVINO IR .bin beside the .xml
     weights_sha256: str | None = None
+    scope_threshold: float | None = None  # this variant's content-gate limit (quantized features drift from FP32's)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,7 @@ class ModelManifest:
     variants: tuple[Variant, ...]
     folder: Path
     raw: dict[str, Any]
+    scope: ScopeSpec = ScopeSpec()
 
     def variant(self, engine: str, precision: str) -> Variant:
         """The variant for an engine and precision; OpenVINO prefers its own IR when both exist."""
@@ -200,7 +206,11 @@ def parse_manifest(path: Path) -> ModelManifest:
             threshold=d.get("threshold", float),
             urgent_if_positive=d.get("urgent_if_positive", bool, False),
             threshold_rule=d.get("threshold_rule", str, ""),
+            temperature=d.get("temperature", float, 1.0),
+            conformal_qhat=d.get("conformal_qhat", float, None),
         )
+        if decision.temperature <= 0 or not 0 <= (decision.conformal_qhat or 0.0) <= 1:
+            raise ConfigError(str(path), "key 'decision.temperature' must be > 0 and 'decision.conformal_qhat' in 0..1")
     else:
         s = r.sub("segmentation")
         segmentation = SegmentationSpec(
@@ -208,6 +218,7 @@ def parse_manifest(path: Path) -> ModelManifest:
             measurement=s.get("measurement", str, allowed=("head_circumference",)),
             gestational_age=s.get("gestational_age", str, "none", ("hadlock-1984-hc", "none")),
             min_area_fraction=s.get("min_area_fraction", float, 0.005),
+            min_fit_quality=s.get("min_fit_quality", float, 0.0),
         )
     variants_raw = r.get("variants", list)
     if not variants_raw:
@@ -234,13 +245,15 @@ def parse_manifest(path: Path) -> ModelManifest:
                 metrics=v.get("metrics", dict, {}),
                 weights_path=path.parent / weights if weights else None,
                 weights_sha256=v.get("weights_sha256", str, None),
+                scope_threshold=v.get("scope_threshold", float, None),
             )
         )
+    modality = r.list_of("modality", str)
     return ModelManifest(
         name=r.get("name", str),
         version=r.get("version", str),
         task=task,
-        modality=r.list_of("modality", str),
+        modality=modality,
         summary=r.get("summary", str, ""),
         intended_use=r.get("intended_use", str),
         latency_budget_ms=r.get("latency_budget_ms", float),
@@ -253,6 +266,40 @@ def parse_manifest(path: Path) -> ModelManifest:
         variants=tuple(variants),
         folder=path.parent,
         raw=raw,
+        scope=parse_scope(path, r, modality),
+    )
+
+
+def parse_scope(path: Path, r: _Reader, modality: tuple[str, ...]) -> ScopeSpec:
+    """[scope]: allowed header values (upper case, as DICOM writes them) and the [scope.content] gate file."""
+    s = r.sub("scope", required=False)
+    if s is None:
+        return ScopeSpec(modality=tuple(m.upper() for m in modality))
+
+    def values(key: str) -> tuple[str, ...]:
+        return tuple(v.strip().upper() for v in s.list_of(key, str, ()))
+
+    content = None
+    c = s.sub("content", required=False)
+    if c is not None:
+        threshold = c.get("threshold", float)
+        if not threshold > 0:
+            raise ConfigError(str(path), f"key 'scope.content.threshold' must be > 0; got {threshold}")
+        content = ContentGateSpec(
+            path=path.parent / c.get("file", str),
+            sha256=c.get("sha256", str).lower(),
+            threshold=threshold,
+            method=c.get("method", str, "mahalanobis", ("mahalanobis",)),
+            header_confirmed_threshold=c.get("header_confirmed_threshold", float, None),
+        )
+        if content.header_confirmed_threshold is not None and content.header_confirmed_threshold < threshold:
+            raise ConfigError(str(path), "key 'scope.content.header_confirmed_threshold' must be >= 'threshold'")
+    return ScopeSpec(
+        modality=tuple(m.upper() for m in modality),
+        body_part=values("body_part"),
+        view_position=values("view_position"),
+        photometric=values("photometric"),
+        content=content,
     )
 
 

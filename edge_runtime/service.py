@@ -513,8 +513,6 @@ class Service:
         """The file's frames, each committed once; the last finding made (None when all were committed before)."""
         manifest = predictor.manifest
         finding = None
-        if inp.modality and manifest.modality and inp.modality not in manifest.modality:
-            raise InputError(str(item.path), f"modality {inp.modality} is not one this model reads ({', '.join(manifest.modality)})")
         inp.start_digest()
         first = inp.frame(0, manifest.windowing)  # decoded while the file is hashed; wasted only on a duplicate
         # The content digest is part of the item: a different image that reuses a SOP Instance UID gets its own
@@ -541,7 +539,8 @@ class Service:
                 pseudonym(self.key, meta.study_uid) if meta else "",
                 pseudonym(self.key, meta.series_uid) if meta else "",
                 pseudonym(self.key, meta.instance_uid) if meta else "",
-                inp.modality, index)
+                inp.modality, index, body_part=meta.body_part if meta else "",
+                view_position=meta.view_position if meta else "", photometric=meta.photometric if meta else "")
             try:
                 pixels = first if index == 0 else inp.frame(index, manifest.windowing)
             except InputError as exc:

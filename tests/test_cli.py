@@ -113,9 +113,14 @@ def test_multi_frame_gives_one_finding_per_frame(config_file):
 
 
 @needs_shared
-def test_modality_mismatch_is_refused(config_file):
+def test_modality_mismatch_is_a_finding_the_model_did_not_assess(config_file):
+    """Out of scope is not bad input: a finding that says why, no label, routine, exit 0 (issue 13)."""
     r = edge("--config", str(config_file), "infer", "--model", "tiny-cls", str(DICOM_DIR / "pydicom-data" / "US1_UNCR.dcm"))
-    assert r.returncode == 1 and "modality US is not one this model reads (CR, DX)" in r.stderr
+    assert r.returncode == 0 and r.stderr == ""
+    (f,) = findings(r.stdout)
+    assert f["result"] == {"assessed": False,
+                           "reason": "out of scope (metadata gate): Modality is US; tiny-cls reads CR, DX"}
+    assert f["priority"] == "routine"
 
 
 @needs_shared

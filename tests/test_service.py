@@ -96,14 +96,14 @@ def test_phantom_findings_are_committed_with_latency_breakdown(tmp_path, running
 def slowed_fp32(service: Service, seconds: float):
     """Make the FP32 engine of fetal-head slower by `seconds` per inference; returns the function that undoes it."""
     fp32 = service.runners["fetal-head"].get("fp32").engine
-    fast_run = fp32.run
+    fast_run = fp32.run_all  # gated models (issue 13) run every output: the features feed the scope gate
 
     def slow_run(x):  # a board whose FP32 path cannot keep up
         time.sleep(seconds)
         return fast_run(x)
 
-    fp32.run = slow_run
-    return lambda: setattr(fp32, "run", fast_run)
+    fp32.run_all = slow_run
+    return lambda: setattr(fp32, "run_all", fast_run)
 
 
 def failed_rounds(budget, level: int) -> int:
@@ -200,7 +200,7 @@ def test_watchdog_is_withheld_while_inference_is_stuck(tmp_path, running, monkey
         assert "WATCHDOG=1" in notify.messages()
 
         engines = [p.engine for p in service.runners["fetal-head"].predictors.values()]
-        fast_runs, release = [e.run for e in engines], threading.Event()
+        fast_runs, release = [e.run_all for e in engines], threading.Event()
         stuck = threading.Event()
 
         def hung(fast_run):
@@ -211,7 +211,7 @@ def test_watchdog_is_withheld_while_inference_is_stuck(tmp_path, running, monkey
             return hung_run
 
         for engine, fast_run in zip(engines, fast_runs):  # whichever variant the budget has chosen by now
-            engine.run = hung(fast_run)
+            engine.run_all = hung(fast_run)
         assert stuck.wait(10)
         time.sleep(0.7)
         assert service.supervise_once() == ["probe"]
@@ -219,7 +219,7 @@ def test_watchdog_is_withheld_while_inference_is_stuck(tmp_path, running, monkey
         assert sample(service, "edge_stage_stalled", stage="probe") == 1
 
         for engine, fast_run in zip(engines, fast_runs):
-            engine.run = fast_run
+            engine.run_all = fast_run
         release.set()
         wait_until(lambda: service.progress["probe"].busy_since is None, 10, what="the stage to move again")
         assert service.supervise_once() == []
@@ -236,7 +236,7 @@ def test_a_crashed_worker_stops_the_watchdog(tmp_path, running, monkeypatch):
             raise RuntimeError("driver fault")
 
         for predictor in service.runners["fetal-head"].predictors.values():
-            predictor.engine.run = broken
+            predictor.engine.run = predictor.engine.run_all = broken
         wait_until(lambda: not service.threads[0].is_alive(), 10, what="the worker to die")
         notify.messages()
         assert service.supervise_once() == ["probe"]
@@ -264,6 +264,23 @@ def test_study_committed_before_a_crash_gives_no_second_finding(tmp_path, runnin
     wait_until(lambda: (tmp_path / "inbox-done" / "chest-again.dcm").exists(), 60, what="the retried file in done/")
     assert service.stop() == 0
     assert [r["finding_id"] for r in outbox_rows(tmp_path / "state")] == [first[0]["finding_id"]]
+
+
+@needs_shared
+def test_out_of_scope_study_is_committed_as_not_assessed_and_moved_to_done(tmp_path, running):
+    """Issue 13: an extremity CR through the chest model is handled, not broken: a finding with
+    result.assessed=false and the reason, routine, and the file in done/ (not quarantine/)."""
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    shutil.copy(CR_CHEST.with_name("RG3_UNCR.dcm"), inbox / "hand.dcm")
+    service = running(write_config(tmp_path, folder_source(inbox)))
+    wait_until(lambda: (tmp_path / "inbox-done" / "hand.dcm").exists(), 60, what="hand.dcm in done/")
+    assert service.stop() == 0
+    (row,) = outbox_rows(tmp_path / "state")
+    assert row["result"]["assessed"] is False and row["priority"] == "routine"
+    assert "BodyPartExamined is EXTREMITY" in row["result"]["reason"] and "label" not in row["result"]
+    quarantine = tmp_path / "inbox-quarantine"
+    assert not quarantine.exists() or not [p for p in quarantine.iterdir() if not p.name.startswith(".")]
 
 
 def edge_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

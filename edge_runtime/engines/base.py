@@ -40,6 +40,9 @@ class Engine(Protocol):
     def run(self, x: np.ndarray) -> np.ndarray:
         """One input tensor in, the model's first output out."""
 
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        """One input tensor in, every output in graph order (the scope gate reads the "features" output)."""
+
     def close(self) -> None: ...
 
 

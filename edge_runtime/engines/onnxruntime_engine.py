@@ -80,6 +80,9 @@ class OnnxRuntimeEngine:
     def run(self, x: np.ndarray) -> np.ndarray:
         return self.session.run([self.output_name], {self.input_name: x})[0]
 
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        return self.session.run(None, {self.input_name: x})
+
     def close(self) -> None:
         self.session = None
 

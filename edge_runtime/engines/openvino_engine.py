@@ -69,6 +69,10 @@ class OpenVinoEngine:
         self.request.infer({0: x})
         return self.request.get_output_tensor(0).data.copy()
 
+    def run_all(self, x: np.ndarray) -> list[np.ndarray]:
+        self.request.infer({0: x})
+        return [self.request.get_output_tensor(i).data.copy() for i in range(len(self.compiled.outputs))]
+
     def close(self) -> None:
         self.request = None
         self.compiled = None

@@ -80,6 +80,8 @@ class DicomMeta:
     series_uid: str = ""
     instance_uid: str = ""
     extra: dict = field(default_factory=dict)
+    body_part: str = ""  # BodyPartExamined and ViewPosition, for the scope gate ("" when absent)
+    view_position: str = ""
 
     @property
     def pixel_bytes(self) -> int:
@@ -258,6 +260,8 @@ class DicomImage:
                 study_uid=str(ds.get("StudyInstanceUID", "")),
                 series_uid=str(ds.get("SeriesInstanceUID", "")),
                 instance_uid=str(ds.get("SOPInstanceUID", "")),
+                body_part=str(ds.get("BodyPartExamined", "") or ""),
+                view_position=str(ds.get("ViewPosition", "") or ""),
             )
         except AttributeError as exc:
             missing = str(exc).rsplit("'", 2)[-2] if "'" in str(exc) else "a required attribute"

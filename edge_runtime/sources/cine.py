@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from edge_runtime.frames import Frame, StudyRef
@@ -24,7 +25,8 @@ class CineSource(LiveSource):
         self.windowing = windowing
         self.index = 0
         self.ref = StudyRef(pseudonym(key, meta.study_uid), pseudonym(key, meta.series_uid),
-                            pseudonym(key, meta.instance_uid), meta.modality)
+                            pseudonym(key, meta.instance_uid), meta.modality, body_part=meta.body_part,
+                            view_position=meta.view_position, photometric=meta.photometric)
 
     def read(self) -> Frame | None:
         if self.index >= self.image.n_frames:
@@ -36,6 +38,6 @@ class CineSource(LiveSource):
         pixels = self.image.display_frame(self.index, self.windowing)
         frame = Frame(pixels, self.kind, self.name, captured_at=captured,
                       pixel_spacing_mm=self.image.meta.pixel_spacing_mm,
-                      study=StudyRef(self.ref.study_id, self.ref.series_id, self.ref.instance_id, self.ref.modality, self.index))
+                      study=replace(self.ref, frame_index=self.index))
         self.index += 1
         return frame
