@@ -614,6 +614,12 @@ def test_studies_in_inbox_subfolders_are_processed_with_one_info_line_each(tmp_p
     assert any(r.getMessage().startswith("stopped in") for r in caplog.records)
 
 
+def _ctrl_c_as_at_a_terminal() -> None:
+    """A suite started in the background of a non-interactive shell inherits SIGINT as ignored, and Python then
+    never raises KeyboardInterrupt: give the child the default disposition, as a terminal's Ctrl-C finds it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @needs_absent_video
 def test_run_logs_only_json_lifecycle_at_info_and_status_watch_redraws(tmp_path):
     port = free_port()
@@ -634,7 +640,8 @@ def test_run_logs_only_json_lifecycle_at_info_and_status_watch_redraws(tmp_path)
         wait_until(ready, 90, what="the daemon to be ready with a finding")
         with open(watch_out, "w") as out:
             watch = subprocess.Popen([sys.executable, "-m", "edge_runtime", "status", "--watch", "--interval", "0.2",
-                                      "--config", str(config)], cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True)
+                                      "--config", str(config)], cwd=REPO, stdout=out, stderr=subprocess.PIPE, text=True,
+                                     preexec_fn=_ctrl_c_as_at_a_terminal)
             wait_until(lambda: watch_out.read_text().count("edge-runtime ready") >= 2, 30, what="two redraws")
             watch.send_signal(signal.SIGINT)
             assert watch.wait(30) == 0 and "Traceback" not in watch.stderr.read()
