@@ -4,14 +4,16 @@ A clinician wants the head circumference of this exam, how sure the device is an
 not thirty findings a second. `ExamTracker` runs on the live worker's thread, one per source:
 
     idle --a frame in which the model sees its target (result.detected)--> open
-    open --the target absent for `gap_s` of capture time (probe lifted)-----> closed, end_reason "target_absent"
+    open --the target not seen for `gap_s` of capture time (probe lifted)---> closed, end_reason "target_absent"
     open --`max_s` after the exam started--------------------------------> closed, "max_duration" (a frame that
                                                                            still shows the target opens the next)
     open --no frame at all for `gap_s` (the feed is down or silent)-------> closed, "feed_silent"
     open --a clean stop----------------------------------------------------> closed, "stop" (flushed, not lost)
 
-"Absent" is a frame the model read and found no target in (no head, or refused by the scope gate). A frame that
-failed (preprocessing, the engine, the head) is counted in `frames_failed` and neither extends nor ends the exam.
+"Absent" is a frame the model read and found no target in (no head, or refused by the scope gate). The gap is
+measured from the last sighting to the next frame read; a head after a hole longer than the gap (the budget
+skipped most of a lift) starts a new exam rather than merging two. A frame that failed (preprocessing, the
+engine, the head) is counted in `frames_failed` and neither extends nor ends the exam.
 
 At the close the frames that showed the target go through a quality gate: the ellipse fit (IoU of the mask with
 its fitted ellipse), the mask's area and whether the ellipse lies inside the image, the scope gate's verdict
@@ -199,9 +201,10 @@ class _OpenExam:
     last_seen: float
     first: Candidate
     wall_offset: float  # time.time() - time.monotonic() when it opened
-    absent_since: float | None = None
+    absent_since: float | None = None  # the first frame without the target since the last sighting
     last_frame: float = 0.0
     failed: int = 0
+    failed_since_seen: int = 0
     records: list[FrameRecord] = field(default_factory=list)
     candidates: list[Candidate] = field(default_factory=list)
     recent: deque = field(default_factory=lambda: deque(maxlen=15))  # the last gated circumferences
@@ -234,7 +237,7 @@ class ExamTracker:
         if ex is not None:
             if t - ex.started >= s.max_s:
                 closed.append(self._close("max_duration"))
-            elif not seen and ex.absent_since is not None and t - ex.absent_since >= s.gap_s:
+            elif self._gap_passed(ex, t, seen):
                 closed.append(self._close("target_absent"))
         if self.exam is None:
             if not seen:
@@ -244,7 +247,7 @@ class ExamTracker:
         ex = self.exam
         ex.last_frame = max(ex.last_frame, t)
         if seen:
-            ex.last_seen, ex.absent_since = t, None
+            ex.last_seen, ex.absent_since, ex.failed_since_seen = t, None, 0
         elif ex.absent_since is None:
             ex.absent_since = t
         hc = result.get("measurements", {}).get("head_circumference_mm") if seen else None
@@ -261,6 +264,7 @@ class ExamTracker:
         """A frame that could not be read: counted in the open exam, which it neither extends nor ends."""
         if self.exam is not None:
             self.exam.failed += 1
+            self.exam.failed_since_seen += 1
             self.exam.last_frame = max(self.exam.last_frame, frame.captured_at)
 
     def tick(self, now: float | None = None) -> list[ExamSummary]:
@@ -275,6 +279,14 @@ class ExamTracker:
         return [self._close(reason)] if self.exam is not None else []
 
     # ------------------------------------------------------------ internals
+    def _gap_passed(self, ex: _OpenExam, t: float, seen: bool) -> bool:
+        """The target has been absent for the gap: a frame read `gap_s` or more after the last sighting, with
+        an absent frame in between or none at all (under load the budget may skip most of a lift: a head after a
+        long hole is then a new exam, not a merge of two). Failed frames alone in between end nothing."""
+        if t - ex.last_seen < self.settings.gap_s:
+            return False
+        return ex.absent_since is not None or ex.failed_since_seen == 0
+
     def _offer(self, ex: _OpenExam, cand: Candidate) -> None:
         """Keep the few gated frames nearest the recent median as key-frame candidates (bounded memory)."""
         ex.recent.append(cand.record.hc_mm)

@@ -105,6 +105,24 @@ def test_failed_frames_are_counted_and_neither_end_nor_extend_the_exam():
     assert exam.frames_failed == 120 and exam.frames_used == 60 and exam.frames_seen == 180
 
 
+def test_under_load_a_lift_seen_in_one_frame_or_none_still_separates_two_heads():
+    """The budget may skip most frames of a lift: one absent frame, or a hole, then another head = two exams."""
+    feed = Feed(tracker())
+    feed.show(20, lambda i: head(190.0))
+    feed.index += 40  # 1.3 s of frames skipped by the budget
+    feed.step()
+    feed.show(1, lambda i: head(None))  # the one frame of the lift that was read
+    feed.index += 30
+    feed.step()
+    feed.show(20, lambda i: head(165.0))  # 2.4 s after the last 190 mm frame
+    feed.index += 90  # a hole of 3 s with no frame read at all
+    feed.step()
+    feed.show(20, lambda i: head(200.0))
+    closed = feed.closed + feed.tracker.flush()
+    assert [e.result["measurements"]["head_circumference_mm"] for e in closed] == [190.0, 165.0, 200.0]
+    assert [e.frames_used for e in closed] == [20, 20, 20]
+
+
 def test_a_long_exam_ends_at_exam_max_s_and_the_head_opens_the_next():
     feed = Feed(tracker(max_s=2.99))
     feed.show(100)
