@@ -30,6 +30,7 @@ the open exam's aggregate (it lives in memory only); closed exams are committed 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 import uuid
 from collections import deque
@@ -86,7 +87,7 @@ class ExamSettings:
         return cls(gap_s=src.exam_gap_s, max_s=src.exam_max_s)
 
 
-@dataclass
+@dataclass(slots=True)
 class FrameRecord:
     """What an exam keeps of each frame: small numbers, never pixels."""
 
@@ -173,18 +174,20 @@ def ellipse_well_placed(ellipse: dict[str, Any], image_hw: tuple[int, int], sett
     return cx - ex >= m and cy - ey >= m and cx + ex <= w - 1 - m and cy + ey <= h - 1 - m
 
 
-def stable_mask(times: np.ndarray, hcs: np.ndarray, settings: ExamSettings) -> np.ndarray:
+def stable_mask(times: np.ndarray, hcs: np.ndarray, settings: ExamSettings) -> list[bool]:
     """True where a circumference agrees with the median of the other frames within the stability window
-    (at least two of them: a lone frame cannot be confirmed)."""
-    ok = np.zeros(len(hcs), dtype=bool)
-    lo = np.searchsorted(times, times - settings.stability_window_s, side="left")
-    hi = np.searchsorted(times, times + settings.stability_window_s, side="right")
-    for i in range(len(hcs)):
-        neighbours = np.concatenate((hcs[lo[i]:i], hcs[i + 1:hi[i]]))
-        if neighbours.size < 2:
+    (at least two of them: a lone frame cannot be confirmed). Plain lists for the small windows: a 600 s exam
+    at 30 fps closes in about 0.1 s on the worker thread rather than 0.3 s with a numpy call per frame."""
+    lo = np.searchsorted(times, times - settings.stability_window_s, side="left").tolist()
+    hi = np.searchsorted(times, times + settings.stability_window_s, side="right").tolist()
+    values = hcs.tolist()
+    ok = [False] * len(values)
+    for i, v in enumerate(values):
+        neighbours = values[lo[i]:i] + values[i + 1:hi[i]]
+        if len(neighbours) < 2:
             continue
-        med = float(np.median(neighbours))
-        ok[i] = abs(hcs[i] - med) <= max(settings.stability_min_mm, settings.stability_rel * med)
+        med = statistics.median(neighbours)
+        ok[i] = abs(v - med) <= max(settings.stability_min_mm, settings.stability_rel * med)
     return ok
 
 
@@ -293,7 +296,7 @@ class ExamTracker:
         if len(ex.candidates) < self.settings.candidates:
             ex.candidates.append(cand)
             return
-        ref = float(np.median(ex.recent))
+        ref = statistics.median(ex.recent)
         worst = max(range(len(ex.candidates)), key=lambda i: abs(ex.candidates[i].record.hc_mm - ref))
         if abs(cand.record.hc_mm - ref) < abs(ex.candidates[worst].record.hc_mm - ref):
             ex.candidates[worst] = cand
