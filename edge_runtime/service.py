@@ -378,16 +378,18 @@ class Service:
     def _commit(self, finding: dict, source_item: str | None) -> int | None:
         return self.outbox.commit(finding, source_item=source_item)
 
-    def _commit_frame(self, src: SourceSection, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> None:
+    def _commit_frame(self, src: SourceSection, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> bool:
         """A per-frame finding (results = "frame" or "both"); an outbox that refuses it raises the alarm."""
         from edge_runtime.outbox import OutboxError, OutboxFull
 
         try:
             self._commit(self._finding(frame, predictor, prediction, budget_ms), None)
+            return True
         except OutboxError as exc:
             if isinstance(exc, OutboxFull):
                 self.metrics.outbox_full.inc()
             self._alarm(f"outbox: {exc.reason}; a {predictor.manifest.name} finding from {src.name} was not stored")
+            return False
 
     def _keep_local(self, src: SourceSection, live, tracker, frame: Frame, predictor: Predictor, prediction,
                     budget_ms: float) -> None:
@@ -494,8 +496,7 @@ class Service:
             try:
                 prediction = predictor.predict(frame)
                 service_ms = (time.monotonic() - started) * 1000.0
-                if mode != "exam":
-                    self._commit_frame(src, frame, predictor, prediction, budget.budget_ms)
+                committed = mode != "exam" and self._commit_frame(src, frame, predictor, prediction, budget.budget_ms)
             except EdgeError as exc:  # counted and skipped; an open exam goes on
                 m.input_errors.labels(src.name).inc()
                 log.warning("%s: %s", src.name, exc)
@@ -506,7 +507,7 @@ class Service:
             finally:
                 progress.end_item()
             self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, prediction.head.priority,
-                         counted=mode != "exam")
+                         counted=committed)
             self._keep_local(src, live, tracker, frame, predictor, prediction, budget.budget_ms)
             self._count_switch(model, src.name, budget, budget.observe(prediction.capture_to_result_ms, service_ms))
             # The finding is committed; with nothing newer waiting, the idle time measures the level above.
