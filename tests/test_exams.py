@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import time
 
 import cv2
 import numpy as np
@@ -350,3 +351,52 @@ def test_results_both_keeps_per_frame_findings_beside_the_exam(tmp_path):
     finally:
         service.stop()
         broker.stop()
+
+
+def test_a_kill_9_mid_exam_loses_only_the_open_exam_and_the_next_start_goes_on(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    state = tmp_path / "state"
+    config = tmp_path / "edge.toml"
+    config.write_text(
+        f'[device]\nid = "test-scanner"\nsite = "test-clinic"\nstate_dir = "{state}"\n\n'
+        '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n\n[service]\nmetrics_port = 0\n\n'
+        '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 30\nsweeps = true\n'
+        "exam_gap_s = 1.5\n")
+
+    def exams() -> list[dict]:
+        if not (state / "outbox.sqlite").exists():
+            return []
+        try:
+            return [f for f in outbox_payloads(state) if "exam" in f]
+        except sqlite3.OperationalError:  # the table is being created
+            return []
+
+    def start() -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "edge_runtime", "--config", str(config), "run"], cwd=REPO,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    proc = start()
+    try:
+        wait_until(lambda: len(exams()) >= 1, 90, interval=0.3, what="the first exam committed")
+        time.sleep(3.0)  # the second sweep's head is on: an exam is open (5 s of head from 8 s into the feed)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        kept = exams()
+        assert len(kept) == 1 and kept[0]["result"]["assessed"]  # the closed exam; nothing of the open one
+        proc = start()  # the lock went with the process; the outbox is intact
+        wait_until(lambda: len(exams()) >= 2, 90, interval=0.3, what="an exam from the restarted daemon")
+        after = exams()
+        assert after[0] == kept[0] and after[1]["exam"]["exam_id"] != kept[0]["exam"]["exam_id"]
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
