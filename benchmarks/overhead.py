@@ -1,8 +1,10 @@
 """Overhead benchmark: the runtime's whole per-frame path against the bare engine call, and OpenVINO's own tool.
 
 Runtime path (decode already done, as for a live frame): `Predictor.predict` (preprocess, engine, head), then
-`build_finding` and `Outbox.commit` (SQLite WAL, synchronous=FULL: one fsync per finding), all the runtime's own
-code, loaded with the same engine options the daemon derives from its configuration. Bare engine:
+with `--results frame` `build_finding` and `Outbox.commit` (SQLite WAL, synchronous=FULL: one fsync per finding);
+with `--results exam` (a live source's default) what the daemon does per frame instead: the exam tracker's
+`observe` and the live ring (edge_runtime/exams.py, live_results.py), no commit; the exam's own finding (key-frame
+JPEG and one commit, once per exam) is timed apart as `exam_close_ms`. All the runtime's own code, loaded with the same engine options the daemon derives from its configuration. Bare engine:
 `engine.run(x)` on the tensor `prepare` made from the same frame. The two alternate round by round (the order
 rotating, `quantize.evaluate.measure_latency`), so background load hits both alike; the ratio of their p50s gets a
 95 % bootstrap interval over the paired rounds.
@@ -55,6 +57,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     from edge_runtime.frames import Frame, StudyRef
     from edge_runtime.imaging.preprocess import prepare
     from edge_runtime.outbox import Outbox
+    from edge_runtime.exams import ExamSettings, ExamTracker, exam_finding
+    from edge_runtime.live_results import FrameResult, LiveResults
     from edge_runtime.pipeline import Predictor
     from quantize.evaluate import measure_latency, p50_ratio_ci
 
@@ -67,19 +71,37 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         pixels, spacing, modality = input_frame(manifest, args.image)
         x, _ = prepare(pixels, manifest.preprocess)
         identity = DeviceIdentity("bench", "bench")
-        stages: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], "finding_and_commit": []}
+        after = "exam_and_ring" if args.results == "exam" else "finding_and_commit"
+        stages: dict[str, list[float]] = {"preprocess": [], "inference": [], "postprocess": [], after: []}
+        tracker = ExamTracker("overhead", manifest.task, ExamSettings())
+        live = LiveResults()
+        budget_ms = manifest.latency_budget_ms
+        index = iter(range(1 << 30))
         with Outbox.from_config(cfg) as outbox:
+
+            def keep_local(frame: Frame, prediction) -> None:
+                """What the daemon's live worker does with a frame in exam mode (Service._keep_local)."""
+                tracker.observe(frame, predictor.ref, prediction.head, prediction.capture_to_result_ms, budget_ms)
+                r = prediction.head.result
+                ms = prediction.capture_to_result_ms
+                live.add(FrameResult(frame.study.frame_index, time.time(), predictor.variant.id, ms, ms <= budget_ms,
+                                     bool(r.get("assessed", True)), bool(r.get("detected", False)),
+                                     r.get("measurements", {}).get("head_circumference_mm"), r.get("ellipse"),
+                                     tracker.exam.exam_id if tracker.exam is not None else None))
 
             def runtime_path(_: Any) -> None:
                 frame = Frame(pixels, "bench", "overhead", captured_at=time.monotonic(), pixel_spacing_mm=spacing,
-                              study=StudyRef(modality=modality))
+                              study=StudyRef(modality=modality, frame_index=next(index)))
                 prediction = predictor.predict(frame)
                 t0 = time.perf_counter()
-                finding = build_finding(identity=identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
-                                        capture_to_result_ms=prediction.capture_to_result_ms,
-                                        budget_ms=manifest.latency_budget_ms)
-                outbox.commit(finding)
-                stages["finding_and_commit"].append((time.perf_counter() - t0) * 1000.0)
+                if args.results == "exam":
+                    keep_local(frame, prediction)
+                else:
+                    finding = build_finding(identity=identity, seq=0, frame=frame, model=predictor.ref,
+                                            head=prediction.head, capture_to_result_ms=prediction.capture_to_result_ms,
+                                            budget_ms=budget_ms)
+                    outbox.commit(finding)
+                stages[after].append((time.perf_counter() - t0) * 1000.0)
                 for stage in ("preprocess", "inference", "postprocess"):
                     stages[stage].append(frame.timings_ms[stage])
 
@@ -87,6 +109,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 predictor.engine.run(x)
 
             lat = measure_latency({"runtime": runtime_path, "bare": bare_engine}, x, runs=args.rounds, warmup=args.warmup)
+            exam_close_ms = None
+            if args.results == "exam" and tracker.open:  # once per exam: aggregate, key-frame JPEG, one commit
+                t0 = time.perf_counter()
+                for summary in tracker.flush("stop"):
+                    outbox.commit(exam_finding(summary, identity, budget_ms))
+                exam_close_ms = (time.perf_counter() - t0) * 1000.0
         ratio, lo, hi = p50_ratio_ci(lat["runtime"], lat["bare"])
         ref = predictor.ref
         predictor.engine.close()
@@ -95,6 +123,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "precision": ref.precision, "compute_precision": ref.compute_precision, "threads": args.threads,
         "input": args.image or ("phantom frame" if manifest.task == "segmentation" else "synthetic radiograph"),
         "input_shape": list(pixels.shape), "rounds": args.rounds, "warmup_rounds": args.warmup,
+        "results": args.results, "exam_close_ms": exam_close_ms,
         "runtime_ms": latency_stats(lat["runtime"]), "bare_ms": latency_stats(lat["bare"]),
         "ratio_p50": ratio, "ratio_p50_ci95": [lo, hi],
         "stages_p50_ms": {k: float(np.median(v[-args.rounds:])) for k, v in stages.items()},
@@ -163,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "int8"])
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--image", help="a DICOM/PNG/JPEG file as the decoded input (default: phantom or synthetic frame)")
+    p.add_argument("--results", default="frame", choices=["frame", "exam"],
+                   help="frame: a finding committed per frame; exam: per-frame results stay local (exam mode)")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     return p

@@ -37,9 +37,10 @@ def build_config(args: argparse.Namespace, root: Path):
         if not args.cine or not Path(args.cine).is_file():
             raise BenchError(f"{args.cine or '--cine'}: no such cine file (the 120-frame echo from ../shared/data)")
         live = SourceSection(name="cine", kind="cine", model=LIVE_MODEL, path=str(args.cine), fps=args.fps, loop=True,
-                             budget_ms=args.budget_ms)
+                             budget_ms=args.budget_ms, results=getattr(args, "results", "frame"))
     else:
-        live = SourceSection(name="probe", kind="phantom", model=LIVE_MODEL, fps=args.fps, budget_ms=args.budget_ms)
+        live = SourceSection(name="probe", kind="phantom", model=LIVE_MODEL, fps=args.fps, budget_ms=args.budget_ms,
+                             results=getattr(args, "results", "frame"))
     if args.xray and not Path(args.xray).is_file():
         raise BenchError(f"{args.xray}: no such file")
     inbox = root / "inbox"
@@ -175,6 +176,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
     p.add_argument("--source", choices=["phantom", "cine"], default="phantom")
+    # The latencies are read back from per-frame findings in the outbox: "frame" (the default here) keeps them
+    # there; "both" also runs the exam tracker (a live source's default is "exam", with no per-frame rows).
+    p.add_argument("--results", choices=["frame", "both"], default="frame")
     p.add_argument("--cine", help="multi-frame DICOM to replay (with --source cine)")
     p.add_argument("--xray", help="a DICOM dropped into the cxr-pneumonia inbox (both models are loaded either way)")
     p.add_argument("--xray-at", type=float, default=0.0, help="seconds into the measured window to drop --xray")

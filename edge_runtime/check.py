@@ -20,6 +20,7 @@ from pathlib import Path
 
 from edge_runtime.config import Config, SourceSection
 from edge_runtime.errors import ConfigError, EdgeError
+from edge_runtime.exams import resolve_results
 from edge_runtime.registry import ModelRegistry
 from edge_runtime.sources.dicom_folder import folder_problem
 from edge_runtime.statelock import holder_pid
@@ -85,6 +86,11 @@ def model_problems(config: Config, registry: ModelRegistry) -> list[Problem]:
         except EdgeError as exc:
             out.append(Problem(where, key, f"source {src.name!r}: {exc}", "fix the model folder, or choose another "
                                                                           "engine.kind / engine.precision"))
+            continue
+        try:  # exams aggregate a measurement: a classification model's live source cannot ask for them
+            resolve_results(src, registry.get(src.model).task, where)
+        except ConfigError as exc:
+            out.append(Problem(where, _src_key(i, "results"), exc.reason, 'set results = "frame"'))
     return out
 
 

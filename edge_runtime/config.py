@@ -122,6 +122,8 @@ class MqttSection:
 
 
 SOURCE_KINDS = ("phantom", "video", "cine", "dicom-folder", "dicom-scp")
+LIVE_KINDS = ("phantom", "video", "cine")
+RESULTS_MODES = ("exam", "frame", "both")  # "" (unset) = the source kind's default
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,13 @@ class SourceSection:
     host: str = "0.0.0.0"  # dicom-scp listen address
     port: int = 11112  # dicom-scp
     allowed_callers: list[str] = field(default_factory=list)  # dicom-scp: calling AE titles allowed ([] = any)
+    # Live sources (edge_runtime/exams.py): "exam" = one finding per exam, per-frame results stay in memory;
+    # "frame" = a finding per frame (the old behaviour); "both". "" = "exam" for a live source of a measuring
+    # (segmentation) model, else "frame". Study sources always give a finding per frame.
+    results: str = ""
+    exam_gap_s: float = 2.0  # an exam ends when its target has been absent this long (probe lifted)
+    exam_max_s: float = 600.0  # ... or after this long, whatever the target does
+    sweeps: bool = False  # phantom: show a head for a few seconds, lift the probe, come back with another size
 
 
 # Which keys each source kind needs.
@@ -174,6 +183,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "service.log_format": ("text", "json"),
     "mqtt.protocol": ("5", "3.1.1"),
     "kind": SOURCE_KINDS,  # sources[i].kind
+    "results": RESULTS_MODES,  # sources[i].results
 }
 
 
@@ -257,9 +267,22 @@ def check_sources(config: Config) -> None:
         if spacing != 0 and not 0 < spacing <= MAX_PIXEL_SPACING_MM:
             raise ConfigError(path, f"key '{where}.pixel_spacing_mm' must be 0 (unknown) or > 0 and <= "
                                     f"{MAX_PIXEL_SPACING_MM:g} mm/pixel; got {spacing}")
+        check_exam_keys(src, path, where)
         if src.name in seen:
             raise ConfigError(path, f"key '{where}.name' repeats the source name {src.name!r}")
         seen.add(src.name)
+
+
+def check_exam_keys(src: SourceSection, path: str, where: str) -> None:
+    """Exam grouping is for live feeds; its times must be positive and the gap shorter than the longest exam."""
+    if src.kind not in LIVE_KINDS and src.results not in ("", "frame"):
+        raise ConfigError(path, f"key '{where}.results' = {src.results!r} is for live sources ({', '.join(LIVE_KINDS)}); "
+                                f"a {src.kind} source gives a finding per frame (remove the key or set \"frame\")")
+    if src.sweeps and src.kind != "phantom":
+        raise ConfigError(path, f"key '{where}.sweeps' is for phantom sources only")
+    if not 0 < src.exam_gap_s < src.exam_max_s:  # NaN fails too
+        raise ConfigError(path, f"keys '{where}.exam_gap_s' and '{where}.exam_max_s' must satisfy 0 < exam_gap_s < "
+                                f"exam_max_s; got {src.exam_gap_s} and {src.exam_max_s}")
 
 
 def load_config(path: str | Path | None) -> Config:

@@ -1,6 +1,8 @@
 """`edge-runtime demo`: the daemon itself on an embedded default, for about 30 seconds.
 
-- `probe`: the fetal head phantom at 30 fps into `fetal-head` (live: newest frame wins, latency budget).
+- `probe`: the fetal head phantom at 30 fps into `fetal-head` (live: newest frame wins, latency budget), sweeping:
+  a head for 5 s, the probe lifted for 3 s, another head of another known size. Each sweep is an exam and gives
+  one finding (edge_runtime/exams.py); the per-frame results stay on the device (the live view reads them).
 - `xray`: a real chest CR (RG1_J2KR.dcm, JPEG 2000, from the pydicom-data package of the `demo` extra) dropped
   into a temporary inbox for `cxr-pneumonia` (a study: never dropped, moved to done/ once committed).
 - The device starts offline: findings queue in the outbox. Part-way through, a private Mosquitto starts on a
@@ -12,14 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from edge_runtime.config import Config, MqttSection, ServiceSection, SourceSection
+from edge_runtime.config import Config, MqttSection, SourceSection
 
 DEMO_DICOM = "RG1_J2KR.dcm"
 
@@ -40,7 +41,7 @@ def find_demo_dicom() -> Path | None:
 
 def demo_config(config: Config, inbox: Path | None, broker_url: str) -> Config:
     """The embedded default: the user's device and engine settings, the demo's sources, outbox and link."""
-    sources = [SourceSection(name="probe", kind="phantom", model="fetal-head", fps=30.0)]
+    sources = [SourceSection(name="probe", kind="phantom", model="fetal-head", fps=30.0, sweeps=True)]
     if inbox is not None:
         sources.append(SourceSection(name="xray", kind="dicom-folder", model="cxr-pneumonia", inbox=str(inbox)))
     mqtt = MqttSection(broker=broker_url, reconnect_min_s=0.5, reconnect_max_s=2.0, connect_timeout_s=2.0,
@@ -50,14 +51,17 @@ def demo_config(config: Config, inbox: Path | None, broker_url: str) -> Config:
 
 
 class Window:
-    """Findings read back from the outbox as they are committed: the demo sees exactly what would be sent."""
+    """Findings read back from the outbox as they are committed (the demo sees exactly what would be sent), and
+    the live source's per-frame results from the daemon's in-memory ring (they are not in the outbox)."""
 
     def __init__(self) -> None:
         self.next_seq = 1
         self.latency: dict[str, list[float]] = {}
         self.budget: dict[str, float] = {}
-        self.hc: list[float] = []
+        self.exams: list[dict] = []
         self.frames = 0
+        self.frames_with_head = 0
+        self.last_frame = -1
         self.cxr: list[dict] = []
         self.ids: set[str] = set()
 
@@ -68,16 +72,24 @@ class Window:
         for f in new:
             name = f["model"]["name"]
             self.ids.add(f["finding_id"])
-            self.latency.setdefault(name, []).append(f["latency_ms"]["capture_to_result"])
-            self.budget[name] = f["budget_ms"]
-            if name == "fetal-head":
-                self.frames += 1
-                hc = f["result"].get("measurements", {}).get("head_circumference_mm")
-                if hc is not None:
-                    self.hc.append(hc)
+            if name == "fetal-head" and "exam" in f:
+                self.exams.append(f)
             elif name == "cxr-pneumonia":
+                self.latency.setdefault(name, []).append(f["latency_ms"]["capture_to_result"])
                 self.cxr.append(f)
         return new
+
+    def read_frames(self, service, source: str = "probe") -> None:
+        """The frames processed since the last call, from the ring a live view reads."""
+        for r in service.recent_frames(source):
+            if r.frame_index > self.last_frame:
+                self.last_frame = r.frame_index
+                self.frames += 1
+                self.frames_with_head += r.head_circumference_mm is not None
+                self.latency.setdefault("fetal-head", []).append(r.latency_ms)
+        budget = service.budgets.get(source)
+        if budget is not None:
+            self.budget["fetal-head"] = budget.budget_ms
 
     def percentile(self, model: str, q: float, last: int = 0) -> float | None:
         values = self.latency.get(model, [])[-last:] if last else self.latency.get(model, [])
@@ -114,9 +126,8 @@ class View:
 
 def run_demo(args, config: Config) -> int:
     from edge_runtime.collector import Collector
-    from edge_runtime.local_broker import LocalBroker, find_mosquitto, free_port
+    from edge_runtime.local_broker import LocalBroker, find_mosquitto
     from edge_runtime.service import Service
-    from edge_runtime.sources.phantom import PhantomSpec
 
     out = sys.stdout
     seconds = float(args.seconds)
@@ -170,8 +181,11 @@ def run_demo(args, config: Config) -> int:
                           "the backlog drains --")
             service.stop_event.wait(1.0)
             service.supervise_once()
+            window.read_frames(service)
             for f in window.read(service.outbox):
-                if f["model"]["name"] == "cxr-pneumonia":
+                if "exam" in f:
+                    view.note(f"  exam {len(window.exams)}: {exam_line(f, service)}")
+                elif f["model"]["name"] == "cxr-pneumonia":
                     r = f["result"]
                     view.note(f"  xray {f['source']['name']}: {r['label']} p(pneumonia)={r['probabilities']['pneumonia']:.3f} "
                               f"(threshold {r['threshold']:.3f}), priority {f['priority']}, "
@@ -182,7 +196,9 @@ def run_demo(args, config: Config) -> int:
             view.show(status_lines(service, window, m, now - t0, fps, collector))
     finally:
         status = service.stop()
+        window.read_frames(service)
         states = stored_states(service.outbox.path)
+        reread(window, service.outbox.path)  # what the stop committed: the exam in progress
         if collector is not None:
             delivered = sum(1 for st in states.values() if st == "delivered")
             deadline = time.monotonic() + 5.0  # acknowledged by the broker: let the hub store them too
@@ -193,19 +209,23 @@ def run_demo(args, config: Config) -> int:
             broker.stop()
 
     # Summary.
-    spec = PhantomSpec()
     budget = window.budget.get("fetal-head", 0.0)
     p50, p99 = window.percentile("fetal-head", 50), window.percentile("fetal-head", 99)
     value = lambda name, **labels: m.registry.get_sample_value(name, labels) or 0.0  # noqa: E731
     print("\nSummary", file=out)
     print(f"  ready in {service.ready_s:.2f} s; stopped cleanly: {'yes' if status == 0 else 'no'}", file=out)
-    hc = (f"median HC {statistics.median(window.hc):.1f} mm vs the phantom's {spec.head_circumference_mm:.1f} mm "
-          f"(head found in {len(window.hc) / max(1, window.frames):.0%} of frames)") if window.hc else "no head found"
-    print(f"  fetal-head: {window.frames} findings; capture->result p50 {ms(p50).strip()} ms, p99 {ms(p99).strip()} ms "
+    print(f"  fetal-head: {window.frames} frames processed ({window.frames_with_head} with a head), kept on the device; "
+          f"capture->result p50 {ms(p50).strip()} ms, p99 {ms(p99).strip()} ms "
           f"against a {budget:.0f} ms budget; {int(value('edge_budget_misses_total', model='fetal-head'))} misses, "
           f"{int(value('edge_frames_dropped_total', source='probe'))} frames overwritten, "
           f"{int(value('edge_frames_late_total', model='fetal-head', source='probe'))} late skipped, "
-          f"{int(value('edge_variant_switches_total', model='fetal-head', source='probe', direction='down'))} step(s) down; {hc}", file=out)
+          f"{int(value('edge_variant_switches_total', model='fetal-head', source='probe', direction='down'))} step(s) down",
+          file=out)
+    errors = exam_errors(window.exams, service)
+    worst = f"; worst |error| {max(abs(e) for e in errors):.1f} mm" if errors else ""
+    print(f"  exams: {len(window.exams)} found (one finding each, {len(errors)} measured){worst}", file=out)
+    for i, f in enumerate(window.exams, 1):
+        print(f"    exam {i}: {exam_line(f, service)}", file=out)
     for f in window.cxr:
         r = f["result"]
         print(f"  cxr-pneumonia: {r['label']} (p(pneumonia)={r['probabilities']['pneumonia']:.3f}), priority {f['priority']}",
@@ -218,6 +238,10 @@ def run_demo(args, config: Config) -> int:
         lost = committed - received - queued
         print(f"  uplink: {len(committed)} findings committed; {len(received & committed)} reached the collector, "
               f"{len(queued)} still queued at stop (kept in the outbox for the next link), {len(lost)} lost", file=out)
+        total, thumbs = hub_bytes(state / "hub.sqlite")
+        print(f"  over MQTT: {total / 1024:.1f} KB of findings ({(total - thumbs) / 1024:.1f} KB without the key-frame "
+              f"thumbnails, {thumbs / 1024:.1f} KB of thumbnails), {(total - thumbs) / 1024 / (seconds / 60):.1f} KB "
+              "per minute without them", file=out)
         if lost:
             status = 1
     else:
@@ -226,6 +250,39 @@ def run_demo(args, config: Config) -> int:
               file=out)
     print("  Not for diagnostic use: a demonstration on a phantom and a public test image.", file=out)
     return status
+
+
+def exam_truth(f: dict, service) -> float | None:
+    """The phantom's true circumference on the exam's key frame (None: no key frame, or not the phantom)."""
+    key = f.get("exam", {}).get("key_frame")
+    source = next((s for s in service.live_sources if s.name == f["source"]["name"]), None)
+    if key is None or source is None or not hasattr(source, "truth_at"):
+        return None
+    return source.truth_at(key["frame_index"])[1]
+
+
+def exam_errors(exams: list[dict], service) -> list[float]:
+    errors = []
+    for f in exams:
+        hc, truth = f["result"].get("measurements", {}).get("head_circumference_mm"), exam_truth(f, service)
+        if hc is not None and truth is not None:
+            errors.append(hc - truth)
+    return errors
+
+
+def exam_line(f: dict, service) -> str:
+    e, r = f["exam"], f["result"]
+    head = f"{e['duration_s']:.1f} s, {e['frames_used']} of {e['frames_seen']} frames used, ended: " \
+           f"{e['end_reason'].replace('_', ' ')}"
+    if not r.get("assessed"):
+        return f"{head}; not assessed: {r.get('reason')}"
+    m = r["measurements"]
+    truth = exam_truth(f, service)
+    against = f" vs the phantom's {truth:.1f} mm ({m['head_circumference_mm'] - truth:+.1f} mm)" if truth else ""
+    thumb = e.get("key_frame", {}).get("thumbnail")
+    return (f"{head}; HC {m['head_circumference_mm']:.1f} mm{against}, IQR {m['head_circumference_iqr_mm']:.1f} mm, "
+            f"quality {r['quality']:.2f}" + (f", key frame #{e['key_frame']['frame_index']}" if "key_frame" in e else "")
+            + (f" ({thumb['bytes'] / 1024:.1f} KB JPEG)" if thumb else ""))
 
 
 def status_lines(service, window: Window, m, elapsed: float, fps: float, collector) -> list[str]:
@@ -241,9 +298,16 @@ def status_lines(service, window: Window, m, elapsed: float, fps: float, collect
         f"{window.budget.get('fetal-head', 0):.0f}  dropped {int(value('edge_frames_dropped_total', source='probe'))}  "
         f"late {int(value('edge_frames_late_total', model='fetal-head', source='probe'))}  "
         f"misses {int(value('edge_budget_misses_total', model='fetal-head'))}  [{level}]",
-        f"        findings {len(window.ids)} (cxr {len(window.cxr)})  outbox pending {pending.get('urgent', 0)} urgent / "
+        f"        findings {len(window.ids)} (exams {len(window.exams)}, cxr {len(window.cxr)})  outbox pending {pending.get('urgent', 0)} urgent / "
         f"{pending.get('routine', 0)} routine  delivered {int(value('edge_outbox_delivered_total'))}  link {link}{hub}",
     ]
+
+
+def reread(window: Window, outbox_path: Path) -> None:
+    from edge_runtime.outbox import Outbox
+
+    with Outbox(outbox_path) as outbox:
+        window.read(outbox)
 
 
 def stored_states(outbox_path: Path) -> dict[str, str]:
@@ -251,6 +315,25 @@ def stored_states(outbox_path: Path) -> dict[str, str]:
 
     with Outbox(outbox_path) as outbox:
         return outbox.finding_ids()
+
+
+def hub_bytes(path: Path) -> tuple[int, int]:
+    """(payload bytes of the findings the collector stored, the part of them that is key-frame thumbnails)."""
+    import json
+    import sqlite3
+
+    if not path.exists():
+        return 0, 0
+    conn = sqlite3.connect(path)
+    try:
+        total = thumbs = 0
+        for (payload,) in conn.execute("SELECT payload FROM findings"):
+            total += len(payload.encode("utf-8"))
+            thumb = json.loads(payload).get("exam", {}).get("key_frame", {}).get("thumbnail")
+            thumbs += len(json.dumps(thumb, separators=(",", ":"))) if thumb else 0
+        return total, thumbs
+    finally:
+        conn.close()
 
 
 def hub_ids(path: Path) -> set[str]:

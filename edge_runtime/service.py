@@ -151,6 +151,10 @@ class Service:
         self.scps: list = []
         self.folders: dict = {}  # study inboxes by source name
         self.budgets: dict[str, BudgetController] = {}
+        self.results_modes: dict[str, str] = {}  # live source -> exam | frame | both
+        self.exams: dict = {}  # live source -> ExamTracker (exam and both modes)
+        self.live_results: dict = {}  # live source -> LiveResults (ring, per-minute summary)
+        self._unstored_exams: dict[str, list[dict]] = {}
         self.outbox = None
         self.uplink = None
         self.metrics_port: int | None = None
@@ -302,6 +306,7 @@ class Service:
         uplink = Uplink.from_config(self.outbox, self.config, self.identity)
         if uplink is not None:
             uplink.alarms = self.current_alarms  # telemetry carries the active alarms (sources down too long)
+            uplink.live = self.live_summaries  # ... and each live stream's last minute, never per-frame rows
             self.metrics.watch("edge_uplink", uplink.stats, counters=UPLINK_COUNTERS, gauges=("inflight", "window"))
             uplink.start()
         return uplink
@@ -323,6 +328,7 @@ class Service:
                 self.scps.append(scp)
             target, args = self._study_worker, (src, folder, runner, progress)
         else:
+            self._start_exams(src, runner)
             slot: LatestSlot[Frame] = LatestSlot()
             source = self._make_live_source(src, slot)
             budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
@@ -334,11 +340,23 @@ class Service:
         thread.start()
         self.threads.append(thread)
 
+    def _start_exams(self, src: SourceSection, runner: ModelRunner) -> None:
+        from edge_runtime.exams import ExamSettings, ExamTracker, resolve_results
+        from edge_runtime.live_results import LiveResults
+
+        mode = resolve_results(src, runner.manifest.task, self.config.source_path or "configuration")
+        self.results_modes[src.name] = mode
+        self.live_results[src.name] = LiveResults()
+        if mode != "frame":
+            self.exams[src.name] = ExamTracker(src.name, runner.manifest.task, ExamSettings.for_source(src))
+        log.info("%s: results per %s", src.name, {"exam": "exam (per-frame results stay on the device)",
+                                                    "frame": "frame", "both": "exam and per frame"}[mode])
+
     def _make_live_source(self, src: SourceSection, slot: LatestSlot):
         if src.kind == "phantom":
-            from edge_runtime.sources.phantom import PhantomSource
+            from edge_runtime.sources.phantom import PhantomSource, SweepSchedule
 
-            return PhantomSource(src.name, slot, fps=src.fps or 30.0)
+            return PhantomSource(src.name, slot, fps=src.fps or 30.0, sweeps=SweepSchedule() if src.sweeps else None)
         if src.kind == "cine":
             from edge_runtime.sources.cine import CineSource
 
@@ -360,12 +378,95 @@ class Service:
     def _commit(self, finding: dict, source_item: str | None) -> int | None:
         return self.outbox.commit(finding, source_item=source_item)
 
-    def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
+    def _commit_frame(self, src: SourceSection, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> bool:
+        """A per-frame finding (results = "frame" or "both"); an outbox that refuses it raises the alarm."""
         from edge_runtime.outbox import OutboxError, OutboxFull
 
+        try:
+            self._commit(self._finding(frame, predictor, prediction, budget_ms), None)
+            return True
+        except OutboxError as exc:
+            if isinstance(exc, OutboxFull):
+                self.metrics.outbox_full.inc()
+            self._alarm(f"outbox: {exc.reason}; a {predictor.manifest.name} finding from {src.name} was not stored")
+            return False
+
+    def _keep_local(self, src: SourceSection, live, tracker, frame: Frame, predictor: Predictor, prediction,
+                    budget_ms: float) -> None:
+        """What stays on the device of a live frame: the ring and minute summary, and the open exam."""
+        from edge_runtime.live_results import FrameResult
+
+        result = prediction.head.result
+        closed = tracker.observe(frame, predictor.ref, prediction.head, prediction.capture_to_result_ms, budget_ms) \
+            if tracker is not None else []
+        self._commit_exams(src, closed, budget_ms)
+        ms = prediction.capture_to_result_ms
+        live.add(FrameResult(
+            frame.study.frame_index, time.time() - (time.monotonic() - frame.captured_at), predictor.variant.id, ms,
+            ms <= budget_ms, bool(result.get("assessed", True)), bool(result.get("detected", False)),
+            result.get("measurements", {}).get("head_circumference_mm"), result.get("ellipse"),
+            tracker.exam.exam_id if tracker is not None and tracker.exam is not None else None))
+
+    def _commit_exams(self, src: SourceSection, closed: list, budget_ms: float) -> None:
+        """Commit closed exams' findings, and any an outbox refused before (kept in memory and retried: an exam is
+        one finding for minutes of scanning, it is not dropped for a full disk that may clear)."""
+        from edge_runtime.exams import describe, exam_finding
+        from edge_runtime.outbox import OutboxError, OutboxFull
+
+        waiting = self._unstored_exams.setdefault(src.name, [])
+        for summary in closed:
+            log.info("%s: %s", src.name, describe(summary), extra={"source": src.name})
+            self.metrics.exams.labels(src.name, "true" if summary.assessed else "false").inc()
+            self.live_results[src.name].exam_closed()
+            try:
+                waiting.append(exam_finding(summary, self.identity, budget_ms))
+            except Exception:  # a thumbnail that cannot be made must not cost the exam its finding
+                log.exception("%s: the key-frame thumbnail of exam %s failed; committed without it", src.name,
+                              summary.exam_id)
+                waiting.append(exam_finding(summary, self.identity, budget_ms, thumbnail=False))
+        while waiting:
+            try:
+                self._commit(waiting[0], f"exam:{waiting[0]['exam']['exam_id']}")
+            except OutboxError as exc:
+                if isinstance(exc, OutboxFull):
+                    self.metrics.outbox_full.inc()
+                self._alarm(f"outbox: {exc.reason}; {len(waiting)} exam finding(s) from {src.name} wait in memory "
+                            "and are retried")
+                del waiting[:-100]  # bounded: a disk that never clears must not grow this without end
+                return
+            self.metrics.findings.labels(waiting[0]["model"]["name"], waiting[0]["priority"]).inc()
+            waiting.pop(0)
+
+    def recent_frames(self, source: str, n: int | None = None) -> list:
+        """The newest per-frame results of a live source (edge_runtime.live_results.FrameResult), oldest first:
+        what a live view draws. Empty for an unknown or study source."""
+        live = self.live_results.get(source)
+        return live.recent(n) if live is not None else []
+
+    def live_summaries(self) -> dict[str, dict]:
+        """Each live source's last complete minute (frames, latency p50/p99, misses, exams), for telemetry."""
+        out = {}
+        for name, live in list(self.live_results.items()):
+            minute = live.last_minute()
+            if minute is not None:
+                out[name] = {"results": self.results_modes.get(name, "frame"), **minute}
+        return out
+
+    def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
         budget = self.budgets[src.name]
-        m = self.metrics
         model = runner.manifest.name
+        mode = self.results_modes[src.name]
+        tracker = self.exams.get(src.name)
+        live = self.live_results[src.name]
+        try:
+            self._live_loop(src, slot, runner, progress, budget, model, mode, tracker, live)
+        finally:  # a clean stop (or a crash of this loop) commits the exam so far: flushed, never lost
+            if tracker is not None:
+                self._commit_exams(src, tracker.flush("stop"), budget.budget_ms)
+
+    def _live_loop(self, src: SourceSection, slot: LatestSlot, runner: ModelRunner, progress: Progress,
+                   budget: BudgetController, model: str, mode: str, tracker, live) -> None:
+        m = self.metrics
         dropped_seen = 0
         while not self.stop_event.is_set():
             frame = slot.get(0.2)
@@ -374,6 +475,8 @@ class Service:
                 m.frames_dropped.labels(src.name).inc(slot.dropped - dropped_seen)
                 dropped_seen = slot.dropped
             if frame is None:
+                if tracker is not None:
+                    self._commit_exams(src, tracker.tick(), budget.budget_ms)
                 continue
             m.frames_in.labels(src.name).inc()
             late_before, rate_before, probe_before = budget.late, budget.rate_skipped, budget.probe_skipped
@@ -393,20 +496,19 @@ class Service:
             try:
                 prediction = predictor.predict(frame)
                 service_ms = (time.monotonic() - started) * 1000.0
-                finding = self._finding(frame, predictor, prediction, budget.budget_ms)
-                self._commit(finding, None)
-            except OutboxError as exc:
-                if isinstance(exc, OutboxFull):
-                    m.outbox_full.inc()
-                self._alarm(f"outbox: {exc.reason}; a {model} finding from {src.name} was not stored")
-                continue
-            except EdgeError as exc:
+                committed = mode != "exam" and self._commit_frame(src, frame, predictor, prediction, budget.budget_ms)
+            except EdgeError as exc:  # counted and skipped; an open exam goes on
                 m.input_errors.labels(src.name).inc()
                 log.warning("%s: %s", src.name, exc)
+                if tracker is not None:
+                    tracker.failed(frame)
+                live.failed()
                 continue
             finally:
                 progress.end_item()
-            self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, finding["priority"])
+            self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, prediction.head.priority,
+                         counted=committed)
+            self._keep_local(src, live, tracker, frame, predictor, prediction, budget.budget_ms)
             self._count_switch(model, src.name, budget, budget.observe(prediction.capture_to_result_ms, service_ms))
             # The finding is committed; with nothing newer waiting, the idle time measures the level above.
             if not slot.pending and not self.stop_event.is_set() and budget.shadow_probe_level() is not None:
@@ -561,7 +663,8 @@ class Service:
         return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
                              capture_to_result_ms=prediction.capture_to_result_ms, budget_ms=budget_ms)
 
-    def _record(self, model: str, frame: Frame, total_ms: float, budget_ms: float, priority: str) -> None:
+    def _record(self, model: str, frame: Frame, total_ms: float, budget_ms: float, priority: str,
+                counted: bool = True) -> None:
         m = self.metrics
         for stage, ms in frame.timings_ms.items():
             m.latency.labels(model, stage).observe(ms)
@@ -572,7 +675,8 @@ class Service:
         window.append(total_ms)
         if total_ms > budget_ms:
             m.budget_misses.labels(model).inc()
-        m.findings.labels(model, priority).inc()
+        if counted:  # a frame whose finding was committed (exam mode counts the exam's finding instead)
+            m.findings.labels(model, priority).inc()
 
     def _alarm(self, text: str) -> None:
         if not self.alarms or self.alarms[-1] != text:

@@ -36,6 +36,7 @@ class Metrics:
         self.budget_probes = Counter("edge_budget_probes", "Probe inferences of the budget level above (results discarded)", ["model", "source"], registry=r)
         self.budget_probe_rounds = Counter("edge_budget_probe_rounds", "Finished probe rounds of the level above", ["model", "source", "result"], registry=r)
         self.findings = Counter("edge_findings", "Findings committed to the outbox", ["model", "priority"], registry=r)
+        self.exams = Counter("edge_exams", "Exams closed by live sources (one finding each)", ["source", "assessed"], registry=r)
         self.input_errors = Counter("edge_input_errors", "Inputs that failed (decode, size, modality, ...)", ["source"], registry=r)
         self.worker_errors = Counter("edge_worker_errors", "Unexpected failures processing an item (engine fault, bug)", ["source"], registry=r)
         self.quarantined = Counter("edge_quarantined", "Study files moved to quarantine", ["source"], registry=r)

@@ -234,6 +234,7 @@ class Uplink:
         self.last_error = ""
         self.beat = time.monotonic()
         self.alarms: Callable[[], list[dict]] | None = None  # set by the service: active alarms for telemetry
+        self.live: Callable[[], dict] | None = None  # set by the service: live streams' per-minute summaries
         # Per-connection state.
         self._inflight: dict[int, int] = {}  # mid -> seq
         self._acked: list[int] = []
@@ -672,6 +673,11 @@ class Uplink:
                 body["alarms"] = self.alarms()
             except Exception as exc:  # noqa: BLE001 - the service's hook must never stop the uplink thread
                 log.error("uplink: reading the alarms for telemetry failed: %s", exc)
+        if self.live is not None:
+            try:
+                body["live"] = self.live()
+            except Exception as exc:  # noqa: BLE001 - same rule as the alarms
+                log.error("uplink: reading the live summaries for telemetry failed: %s", exc)
         client.publish(self.topic_telemetry, json.dumps(body, separators=(",", ":")), qos=0)
 
     # ------------------------------------------------------------ paho callbacks (uplink thread, inside loop())

@@ -146,3 +146,33 @@ def test_contention_recovery_times_are_taken_from_the_switches() -> None:
     target = next(t for t in evaluate_targets(doc["results"], None) if "hog" in t["target"])
     assert target["status"] == "MISS" and target["measured"] == "not within the window"
     assert "## Contention" in markdown(doc, [])
+
+
+def test_exam_mode_overhead_is_judged_against_its_own_target_and_rendered() -> None:
+    from benchmarks.report import evaluate_targets
+
+    def row(results: str, ratio: float, last_stage: str) -> dict:
+        m = lambda v: {"median": v, "min": v, "max": v, "n": 1}  # noqa: E731
+        return {"model": "fetal-head", "engine": "onnxruntime", "variant": "int8-qdq", "device": "CPU",
+                "compute_precision": "graph", "threads": 2, "rounds": 200, "results": results, "input": "phantom frame",
+                "ratio_p50": m(ratio), "ratio_p50_ci95": [ratio - 0.1, ratio + 0.1], "runtime_p50_ms": m(8.0),
+                "runtime_p99_ms": m(9.0), "bare_p50_ms": m(7.0), "bare_p99_ms": m(7.5),
+                "stages_p50_ms": {"preprocess": m(0.8), "inference": m(7.0), "postprocess": m(1.5), last_stage: m(0.2)}}
+
+    doc = minimal_doc()
+    doc["results"]["overhead"] = [row("frame", 1.46, "finding_and_commit"), row("exam", 1.14, "exam_and_ring")]
+    targets = evaluate_targets(doc["results"], "onnxruntime")
+    exam = next(t for t in targets if "exam mode" in t["target"])
+    assert exam["threshold"] == "<= 1.15x" and exam["status"] == "PASS" and exam["measured"] == "1.14x"
+    frame = next(t for t in targets if t["target"].startswith("runtime overhead, "))
+    assert frame["threshold"] == "<= 1.10x" and frame["status"] == "MISS"
+    assert "0.20 (exam, ring)" in markdown(doc, [])
+
+
+def test_exams_benchmark_counts_publish_packets_as_they_cross_the_wire() -> None:
+    from benchmarks.exams import publish_wire_bytes, varint_len
+
+    assert [varint_len(n) for n in (0, 127, 128, 16383, 16384)] == [1, 1, 2, 2, 3]
+    # fixed header 1 + remaining length 1; topic length 2 + "a/b" 3; packet id 2; properties length 1; payload 10
+    assert publish_wire_bytes("a/b", b"x" * 10) == 1 + 1 + 2 + 3 + 2 + 1 + 10
+    assert publish_wire_bytes("a/b", b"x" * 200) == 1 + 2 + 2 + 3 + 2 + 1 + 200

@@ -38,7 +38,8 @@ def write_config(tmp_path: Path, sources: str, extra: str = "", stall_timeout_s:
     return path
 
 
-PHANTOM = '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 30\n'
+# A finding per frame: these tests are about per-frame findings, the budget and the outbox (exams: test_exams.py).
+PHANTOM = '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 30\nresults = "frame"\n'
 
 
 def folder_source(inbox: Path) -> str:

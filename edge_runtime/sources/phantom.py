@@ -4,9 +4,13 @@ Speckle (Rayleigh-distributed, as envelope-detected ultrasound is) inside a sect
 a bright elliptical skull echo of known outer axes, a darker brain with a midline echo, and a little probe
 motion from frame to frame. Used by the demo and tests: the ground-truth circumference is exact, so a
 measurement error is the pipeline's, not the annotator's.
+
+With sweeps (`SweepSchedule`) the probe is put on for a few seconds, lifted (speckle only, no head) and put back
+on a head of another known circumference, so that exams (edge_runtime/exams.py) can be checked end to end.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -38,6 +42,25 @@ class PhantomSpec:
         return 2 * a_px, 2 * a_px * self.axis_ratio
 
 
+@dataclass(frozen=True)
+class SweepSchedule:
+    """Head shown for `on_s`, probe lifted for `off_s` (longer than the default exam gap of 2 s), repeated; sweep
+    n shows circumferences[n % len]. The sizes sit in the range where the shipped model's bias on this phantom
+    is under 2 mm (about -0.8 %: -1.2 mm at 160 mm, -2.0 mm at 220 mm; BENCHMARKS.md, "Exams")."""
+
+    on_s: float = 5.0
+    off_s: float = 3.0
+    circumferences_mm: tuple[float, ...] = (190.0, 165.0, 200.0, 175.0)
+
+    def at(self, t_s: float) -> tuple[int, float | None]:
+        """(sweep number, true circumference or None while the probe is lifted) at t_s seconds into the feed."""
+        period = self.on_s + self.off_s
+        n = int(t_s // period)
+        if t_s - n * period >= self.on_s:
+            return n, None
+        return n, self.circumferences_mm[n % len(self.circumferences_mm)]
+
+
 class Phantom:
     """Endless frames: `frame(i)` returns a uint8 gray display image for frame number i."""
 
@@ -67,12 +90,19 @@ class Phantom:
         cy = s.height * 0.55 + 10 * math.sin(2 * math.pi * t / 3.0)
         return cx, cy, 15 + 8 * math.sin(2 * math.pi * t / 5.0)
 
-    def frame(self, index: int) -> np.ndarray:
+    def frame(self, index: int, head_circumference_mm: float | None = -1.0) -> np.ndarray:
+        """The frame with the spec's head (default), a head of another circumference, or None: no head, the
+        probe lifted off the belly (maternal-tissue speckle only)."""
         s = self.spec
-        major, minor = s.axes_px()
-        cx, cy, rot = self.center_at(index)
         h, w = s.height, s.width
         echo = np.full((h, w), 0.45, np.float32)  # maternal tissue
+        if head_circumference_mm is None:
+            img = echo * self.speckle[index % len(self.speckle)] * self.depth_gain * self.sector
+            return np.clip(img * 200.0, 0, 255).astype(np.uint8)
+        if head_circumference_mm > 0:
+            s = dataclasses.replace(s, head_circumference_mm=head_circumference_mm)
+        major, minor = s.axes_px()
+        cx, cy, rot = self.center_at(index)
         cv2.ellipse(echo, ((cx, cy), (major * 1.45, minor * 1.6), rot), 0.06, thickness=-1, lineType=cv2.LINE_AA)  # fluid
         thick = max(2, int(round(s.skull_thickness_mm / s.pixel_spacing_mm)))
         inner = (major - 2 * thick, minor - 2 * thick)
@@ -97,14 +127,24 @@ class PhantomSource(LiveSource):
 
     kind = "phantom"
 
-    def __init__(self, name: str, slot, fps: float = 30.0, spec: PhantomSpec = PhantomSpec()) -> None:
+    def __init__(self, name: str, slot, fps: float = 30.0, spec: PhantomSpec = PhantomSpec(),
+                 sweeps: SweepSchedule | None = None) -> None:
         super().__init__(name, slot, fps=fps)
         self.phantom = Phantom(spec)
+        self.sweeps = sweeps
         self.index = 0
+
+    def truth_at(self, index: int) -> tuple[int, float | None]:
+        """(sweep number, true head circumference or None: no head) of frame `index`. The schedule runs on
+        frame numbers at the nominal rate, so the truth of a frame is exact however the capture is paced."""
+        if self.sweeps is None:
+            return 0, self.phantom.spec.head_circumference_mm
+        return self.sweeps.at(index / (self.fps or 30.0))
 
     def read(self) -> Frame:
         captured = time.monotonic()
-        pixels = self.phantom.frame(self.index)
+        pixels = self.phantom.frame(self.index, self.truth_at(self.index)[1]) if self.sweeps else \
+            self.phantom.frame(self.index)
         spacing = (self.phantom.spec.pixel_spacing_mm,) * 2
         frame = Frame(pixels, self.kind, self.name, captured_at=captured, pixel_spacing_mm=spacing,
                       study=StudyRef(modality="US", frame_index=self.index))
