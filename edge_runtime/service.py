@@ -551,9 +551,11 @@ class Service:
             frame = Frame(pixels, src.kind, item.path.name, captured_at=captured,
                           study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-            # A single-frame ultrasound study is its own key frame: its measurement carries the mask overlay (issue 15)
-            explain = True if manifest.task == "segmentation" and inp.n_frames == 1 else None
-            prediction = predictor.predict(frame, explain=explain)
+            if manifest.task == "segmentation" and inp.n_frames == 1:
+                # A single-frame ultrasound study is its own key frame: its measurement carries the mask overlay
+                prediction = predictor.predict(frame, explain=True)
+            else:
+                prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
             self._commit(finding, items[index])
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
