@@ -12,7 +12,8 @@
 4. Deletion test (faithfulness): on true-positive validation images (pneumonia, flagged at the manifest's
    threshold on calibrated P), the runtime's top-20 %-mass box (edge_runtime.explain) is filled with the image mean
    and P(pneumonia) re-measured; the same for random boxes of the same size (10 positions per image, seeded).
-   A win: the map's box lowers P more than the mean of the random boxes. Per variant and engine.
+   A win: the map's box lowers P more than the mean of the random boxes. Per variant and engine; on ONNX Runtime
+   also the diagnostic variants in DELETION_VARIANTS, and a 4x4 occlusion map against the map itself.
 
     .venv/bin/pip install torch==2.13.0
     .venv/bin/python models/cxr-pneumonia/explain_check.py --data ../shared/data/cxr-kermany --out /tmp/explain.json \
@@ -119,51 +120,117 @@ def summary(values: list[float]) -> dict[str, float]:
             "mean": float(v.mean()), "share_ge_0.95": float((v >= 0.95).mean())}
 
 
-def deletion_test(engine, images, xs, labels, manifest, rng_seed: int = 0) -> dict:
-    """Map box vs random boxes of the same size on the engine's own true positives."""
+# Region variants of the deletion test. "box-mean" is the issue's test; the others look for what the result depends
+# on: the region as the top 20 % of the map's area (a pixel set, compared with the same set shifted cyclically to a
+# random place), and a blurred copy of the image as the fill instead of the flat mean (a flat grey patch in a lung
+# looks like an opacity).
+DELETION_VARIANTS = ("box-mean", "box-blur", "area20-mean", "area20-blur")
+
+
+def _margin(logits: np.ndarray) -> float:
+    z = np.asarray(logits, dtype=np.float64).ravel()
+    return float(z[POSITIVE] - z[1 - POSITIVE])
+
+
+def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), rng_seed: int = 0) -> dict:
+    """Map region vs random regions of the same size on the engine's own true positives, per region variant."""
+    import cv2
+
     spec = manifest.preprocess
     model_hw = (spec.height, spec.width)
     temperature, threshold = manifest.decision.temperature, manifest.decision.threshold
     top_mass = float(manifest.raw["explanation"].get("top_mass", 0.2))
     rng = np.random.default_rng(rng_seed)
-    wins = draws_won = draws = n = 0
-    drops_cam, drops_rand, box_area = [], [], []
+    stats = {v: {"win_p": 0, "win_margin": 0, "draws_won": 0, "draws": 0, "d_cam": [], "d_rand": []} for v in variants}
+    n, box_area = 0, []
 
-    def p_of(img: np.ndarray) -> float:
-        return calibrated_p(engine.run(prepare(img, spec)[0]), temperature)
+    def scores(img: np.ndarray) -> tuple[float, float]:
+        logits = engine.run(prepare(img, spec)[0])
+        return calibrated_p(logits, temperature), _margin(logits)
 
     for img, x, label in zip(images, xs, labels):
         if label != POSITIVE:
             continue
         out = engine.run_all(x)
-        p0 = calibrated_p(out[0], temperature)
+        p0, z0 = calibrated_p(out[0], temperature), _margin(out[0])
         if p0 < threshold:
             continue
-        geometry = prepare(img, spec)[1]
-        m = cam_to_image(out[2][0, POSITIVE], geometry, model_hw, img.shape[:2])
-        box = top_mass_box(m, img.shape[:2], top_mass)
-        fill = np.uint8(round(float(img.mean())))
-        masked = img.copy()
-        masked[box.y: box.y + box.height, box.x: box.x + box.width] = fill
-        d_cam = p0 - p_of(masked)
-        h, w = img.shape[:2]
-        d_rand = []
-        for _ in range(RANDOM_BOXES):
-            rx, ry = int(rng.integers(0, w - box.width + 1)), int(rng.integers(0, h - box.height + 1))
-            r = img.copy()
-            r[ry: ry + box.height, rx: rx + box.width] = fill
-            d_rand.append(p0 - p_of(r))
         n += 1
-        wins += d_cam > float(np.mean(d_rand))
-        draws_won += sum(d_cam > d for d in d_rand)
-        draws += len(d_rand)
-        drops_cam.append(d_cam)
-        drops_rand.append(float(np.mean(d_rand)))
+        h, w = img.shape[:2]
+        m = cam_to_image(out[2][0, POSITIVE], prepare(img, spec)[1], model_hw, img.shape[:2])
+        box = top_mass_box(m, img.shape[:2], top_mass)
         box_area.append(box.width * box.height / float(w * h))
-    return {"true_positives": n, "win_rate_vs_mean_of_random": wins / n, "win_rate_per_random_box": draws_won / draws,
-            "median_drop_map_box": float(np.median(drops_cam)), "median_drop_random_box": float(np.median(drops_rand)),
-            "median_box_area_fraction": float(np.median(box_area)), "random_boxes_per_image": RANDOM_BOXES}
+        full = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
+        area = full >= np.quantile(full, 0.8)
+        fills = {"mean": np.full_like(img, np.uint8(round(float(img.mean())))), "blur": cv2.GaussianBlur(img, (0, 0), 12)}
 
+        def box_mask(bx: int, by: int) -> np.ndarray:
+            k = np.zeros(img.shape[:2], bool)
+            k[by: by + box.height, bx: bx + box.width] = True
+            return k
+
+        for variant in variants:
+            shape, fill = variant.split("-")
+            if shape == "box":
+                region = box_mask(box.x, box.y)
+                randoms = [box_mask(int(rng.integers(0, w - box.width + 1)), int(rng.integers(0, h - box.height + 1)))
+                           for _ in range(RANDOM_BOXES)]
+            else:
+                region = area
+                randoms = [np.roll(area, (int(rng.integers(0, h)), int(rng.integers(0, w))), (0, 1))
+                           for _ in range(RANDOM_BOXES)]
+
+            def deleted(k: np.ndarray) -> tuple[float, float]:
+                im = img.copy()
+                im[k] = fills[fill][k]
+                p, z = scores(im)
+                return p0 - p, z0 - z
+
+            dp, dz = deleted(region)
+            rand = [deleted(k) for k in randoms]
+            st = stats[variant]
+            st["win_p"] += dp > float(np.mean([r[0] for r in rand]))
+            st["win_margin"] += dz > float(np.mean([r[1] for r in rand]))
+            st["draws_won"] += sum(dp > r[0] for r in rand)  # per box: P and margin rank alike
+            st["draws"] += len(rand)
+            st["d_cam"].append(dp)
+            st["d_rand"].append(float(np.mean([r[0] for r in rand])))
+    report = {"true_positives": n, "random_regions_per_image": RANDOM_BOXES,
+              "median_box_area_fraction": float(np.median(box_area))}
+    for variant, st in stats.items():
+        report[variant] = {"win_rate_vs_mean_of_random_p": st["win_p"] / n,
+                           "win_rate_vs_mean_of_random_margin": st["win_margin"] / n,
+                           "win_rate_per_random_region": st["draws_won"] / st["draws"],
+                           "median_p_drop_map_region": float(np.median(st["d_cam"])),
+                           "median_p_drop_random_region": float(np.median(st["d_rand"]))}
+    return report
+
+
+def occlusion_agreement(engine, images, xs, labels, manifest, limit: int = 200) -> dict:
+    """Each 1/16 block of the image (the map's 4x4 cells) filled with the image mean in turn: the logit-margin drop
+    per block against the map's pneumonia-minus-normal value of the same cell (Pearson r per image, argmax agreement)."""
+    spec = manifest.preprocess
+    rs, agree, n = [], 0, 0
+    for img, x, label in zip(images, xs, labels):
+        if label != POSITIVE or n >= limit:
+            continue
+        out = engine.run_all(x)
+        z0 = _margin(out[0])
+        if z0 <= 0:
+            continue
+        n += 1
+        h, w = img.shape[:2]
+        fill = np.uint8(round(float(img.mean())))
+        drop = np.zeros((4, 4))
+        for i in range(4):
+            for j in range(4):
+                im = img.copy()
+                im[i * h // 4:(i + 1) * h // 4, j * w // 4:(j + 1) * w // 4] = fill
+                drop[i, j] = z0 - _margin(engine.run(prepare(im, spec)[0]))
+        cam = out[2][0, POSITIVE] - out[2][0, 1 - POSITIVE]
+        rs.append(pearson(drop, cam))
+        agree += int(np.argmax(drop) == np.argmax(cam))
+    return {"images": n, "pearson_r": summary(rs), "argmax_cell_agreement": agree / n}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
 
     # 4: deletion test.
     for key, engine in engines.items():
-        report[f"deletion_{key[0]}_{key[1]}"] = deletion_test(engine, images, xs, labels, manifest)
+        variants = DELETION_VARIANTS if key[1] == "onnxruntime" else ("box-mean",)
+        report[f"deletion_{key[0]}_{key[1]}"] = deletion_test(engine, images, xs, labels, manifest, variants)
+    report["occlusion_fp32_onnxruntime"] = occlusion_agreement(engines[("fp32", "onnxruntime")], images, xs, labels,
+                                                               manifest)
 
     if args.overlay:
         # The most confident true positive: the card's example overlay.
