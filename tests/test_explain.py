@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import CLASSIFIER_MANIFEST, SHARED_DATA, ellipse_image, needs_shared, sha256
+from mqtt_helpers import Broker, needs_mosquitto, wait_until
 from edge_runtime.errors import ConfigError
 from edge_runtime.explain import (GRID, MAX_OVERLAY_BYTES, ExplanationUnavailable, cam_explanation, cam_to_image,
                                   decode_overlay, segmentation_explanation, top_mass_box)
@@ -337,3 +338,79 @@ def test_infer_explain_on_int8_openvino_and_on_a_fetal_head(tmp_path):
         decode_jpeg(e["overlay"])
     else:
         assert "explanation" not in finding
+
+
+# ------------------------------------------------------------------ the daemon, over MQTT to the hub
+@needs_shared
+@needs_mosquitto
+def test_daemon_sends_the_explanation_of_a_needs_review_chest_study_to_the_hub(tmp_path):
+    """RG1 (an adult chest CR) is assessed with needs_review (atypical, header-confirmed): its finding carries the
+    explanation through the outbox, the broker and the collector, intact."""
+    import shutil
+    import sqlite3
+
+    from conftest import CR_CHEST
+    from edge_runtime.collector import Collector
+    from edge_runtime.config import load_config
+    from edge_runtime.service import Service
+
+    broker = Broker(tmp_path / "broker").start()
+    collector = service = None
+    try:
+        collector = Collector(broker.url, tmp_path / "hub.sqlite", client_id="hub-1", reconnect_min_s=0.05,
+                              reconnect_max_s=0.5).start()
+        wait_until(collector.subscribed.is_set, 15, what="collector subscription")
+        inbox = tmp_path / "inbox"
+        inbox.mkdir()
+        config = tmp_path / "edge.toml"
+        config.write_text(
+            f'[device]\nid = "scanner-x"\nsite = "clinic-x"\nstate_dir = "{tmp_path / "state"}"\n\n'
+            '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n\n[service]\nmetrics_port = 0\n\n'
+            f'[mqtt]\nbroker = "{broker.url}"\nreconnect_min_s = 0.05\nreconnect_max_s = 0.5\ntelemetry_interval_s = 0\n\n'
+            f'[[sources]]\nname = "xray"\nkind = "dicom-folder"\nmodel = "cxr-pneumonia"\ninbox = "{inbox}"\n')
+        service = Service(load_config(config))
+        service.start()
+        shutil.copy(CR_CHEST.with_name("RG1_UNCR.dcm"), inbox / "chest.dcm")
+
+        def stored() -> list[dict]:
+            db = tmp_path / "hub.sqlite"
+            if not db.exists():
+                return []
+            conn = sqlite3.connect(db, timeout=10)
+            try:
+                return [json.loads(p) for (p,) in conn.execute("SELECT payload FROM findings")]
+            finally:
+                conn.close()
+
+        (finding,) = wait_until(stored, 90, interval=0.2, what="the finding at the hub")
+    finally:
+        if service is not None:
+            service.stop()
+        if collector is not None:
+            collector.stop()
+        broker.stop()
+    assert finding["result"]["assessed"] is True and finding["result"]["needs_review"] is True
+    e = finding["explanation"]
+    assert e["method"] == "cam" and e["image_size"] == [1841, 1955]
+    b = e["bbox"]
+    assert 0 <= b["x"] < b["x"] + b["width"] <= 1841 and 0 <= b["y"] < b["y"] + b["height"] <= 1955
+    assert decode_jpeg(e["overlay"]).shape[0] == 384  # portrait: the long side is the height
+    assert "explain" in finding["latency_ms"]
+
+
+def test_the_benchmark_baseline_is_the_graph_without_the_map(tmp_path):
+    import onnxruntime as ort
+
+    from benchmarks.explain import strip_output
+
+    path = pooled_classifier(tmp_path / "m.onnx")
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    add_onnx_cam(path)
+    strip_output(path, tmp_path / "bare.onnx", "cam")
+    bare = ort.InferenceSession(str(tmp_path / "bare.onnx"), providers=["CPUExecutionProvider"])
+    assert [o.name for o in bare.get_outputs()] == ["logits"]
+    x = np.random.default_rng(2).random((1, 1, 32, 32), dtype=np.float32)
+    np.testing.assert_array_equal(bare.run(None, {"image": x})[0], plain.run(None, {"image": x})[0])
+    import onnx
+
+    assert len(onnx.load(str(tmp_path / "bare.onnx")).graph.node) == 4  # the map's Reshape and Conv are gone
