@@ -17,7 +17,7 @@ from mqtt_helpers import Broker, needs_mosquitto, wait_until
 from edge_runtime.errors import ConfigError
 from edge_runtime.explain import (GRID, MAX_OVERLAY_BYTES, ExplanationUnavailable, cam_explanation, cam_to_image,
                                   decode_overlay, segmentation_explanation, top_mass_box)
-from edge_runtime.findings import DeviceIdentity, ModelRef, build_finding
+from edge_runtime.findings import DeviceIdentity, build_finding
 from edge_runtime.frames import Frame
 from edge_runtime.imaging.preprocess import ResizeGeometry
 from edge_runtime.pipeline import Predictor
