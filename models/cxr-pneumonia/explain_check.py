@@ -18,6 +18,12 @@
     .venv/bin/pip install torch==2.13.0
     .venv/bin/python models/cxr-pneumonia/explain_check.py --data ../shared/data/cxr-kermany --out /tmp/explain.json \
         --overlay docs/cxr-explanation-example.jpg
+
+Logits unchanged by the surgery (no torch needed): the files before it, from git, against the shipped ones:
+
+    mkdir /tmp/before && for f in fp32 int8-qdq; do git show 482bbd7:models/cxr-pneumonia/cxr-pneumonia-$f.onnx \
+        > /tmp/before/cxr-pneumonia-$f.onnx; done
+    .venv/bin/python models/cxr-pneumonia/explain_check.py --before /tmp/before
 """
 from __future__ import annotations
 
@@ -233,6 +239,22 @@ def occlusion_agreement(engine, images, xs, labels, manifest, limit: int = 200) 
     return {"images": n, "pearson_r": summary(rs), "argmax_cell_agreement": agree / n}
 
 
+def identity_check(manifest, before: Path, xs: list[np.ndarray]) -> dict:
+    """Max |difference| of every output the old file has, old file vs shipped file, per variant and engine."""
+    out = {}
+    for v in manifest.variants:
+        for kind in ("onnxruntime", "openvino"):
+            old = load_engine(kind, before / v.path.name, manifest.input.shape, EngineOptions(threads=2))
+            new = load_engine(kind, v.path, manifest.input.shape, EngineOptions(threads=2))
+            diffs = {name: 0.0 for name in old.output_names}
+            for x in xs:
+                a, b = old.run_all(x), dict(zip(new.output_names, new.run_all(x)))
+                for name, value in zip(old.output_names, a):
+                    diffs[name] = max(diffs[name], float(np.abs(value - b[name]).max()))
+            out[f"{v.id}_{kind}"] = {"images": len(xs), "max_abs_diff": diffs, "new_outputs": new.output_names}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     from quantize.datasets import cxr_items
 
@@ -241,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-gradcam", type=int, default=100)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--overlay", type=Path, help="write one overlay JPEG (the card's example) here")
+    ap.add_argument("--before", type=Path, help="only compare the outputs with the files before the surgery in this folder")
     args = ap.parse_args(argv)
     t_start = time.time()
     manifest = ModelRegistry().get("cxr-pneumonia")
@@ -250,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     images = [open_input(p).frame(0, manifest.windowing) for p, _ in items]
     labels = [lbl for _, lbl in items]
     xs = [prepare(img, spec)[0] for img in images]
+    if args.before:
+        print(json.dumps(identity_check(manifest, args.before, xs[:40]), indent=2))
+        return 0
     variants = {v.id: v for v in manifest.variants}
     for v in variants.values():
         verify_variant(manifest, v)
