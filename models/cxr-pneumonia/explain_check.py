@@ -101,6 +101,88 @@ def grad_cam(model, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return logits[0].detach().numpy(), np.stack(maps)
 
 
+def class_map(cam: np.ndarray, index: int, kind: str = "class") -> np.ndarray:
+    """The map of a [2, h, w] cam output that picks the deletion region. "class": the label's own map (what the
+    runtime ships). "log-odds": the label's map minus the other class's, whose spatial mean is the log-odds
+    logit_c - logit_other (less the bias difference) that P(label) = sigmoid(...) is read from; it is Grad-CAM on
+    the log-odds. With ReLU features both class maps are high wherever features are strong, so the difference could
+    separate the classes better: measured in follow_up_log_odds (it does not, here: the two maps are the same map)."""
+    c = np.asarray(cam, dtype=np.float32)
+    return c[index] if kind == "class" else c[index] - c[1 - index]
+
+
+def grad_cam_log_odds(model, x: np.ndarray) -> np.ndarray:
+    """Grad-CAM [h, w] of the log-odds logit[pneumonia] - logit[normal] (P(pneumonia) is its sigmoid)."""
+    import torch
+
+    store = {}
+    hook = model.features.register_forward_hook(lambda _m, _i, out: store.__setitem__("f", out))
+    try:
+        logits = model(torch.from_numpy(x))
+    finally:
+        hook.remove()
+    f = store["f"]
+    (grad,) = torch.autograd.grad(logits[0, POSITIVE] - logits[0, 1 - POSITIVE], f)
+    alpha = grad.mean(dim=(2, 3), keepdim=True)
+    return torch.relu((alpha * f).sum(dim=1))[0].detach().numpy()
+
+
+def follow_up_log_odds(manifest, variants, images, xs, labels, n_gradcam: int, tp_limit: int | None) -> dict:
+    """The log-odds map (class_map "log-odds"): Grad-CAM agreement, INT8 vs FP32, deletion test (P and log-odds,
+    ties apart), FP32 and INT8 on both engines; and the pneumonia-only map's deletion test on the same images."""
+    spec = manifest.preprocess
+    model_hw = (spec.height, spec.width)
+    engines = {(vid, kind): load_engine(kind, variants[vid].path, manifest.input.shape, EngineOptions(threads=2))
+               for vid in ("fp32", "int8-qdq") for kind in ("onnxruntime", "openvino")}
+    outs = {key: [e.run_all(x) for x in xs] for key, e in engines.items()}
+    report: dict = {"n_val": len(xs)}
+    # Why the two maps may not differ: how far the classifier rows are from W_normal = -W_pneumonia (two-class
+    # softmax cross-entropy moves them by opposite gradients), and how alike the maps are per image.
+    import onnx
+    from onnx import numpy_helper
+
+    w = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(variants["fp32"].path)).graph.initializer}["fc.weight"]
+    alike = [pearson(o[2][0, POSITIVE], class_map(o[2][0], POSITIVE, "log-odds")) for o in outs[("fp32", "onnxruntime")]]
+    report["class_vs_log_odds_map"] = {
+        "fc_rows_pearson": float(np.corrcoef(w[0], w[1])[0, 1]),
+        "fc_rows_sum_over_difference_norm": float(np.linalg.norm(w[0] + w[1]) / np.linalg.norm(w[1] - w[0])),
+        "map_pearson_fp32_onnxruntime": summary(alike)}
+    model, _ = torch_model_from_onnx(variants["fp32"].path)
+    step = max(1, len(xs) // n_gradcam)
+    picked = list(range(0, len(xs), step))[:n_gradcam]
+    for kind in ("onnxruntime", "openvino"):
+        diff = 0.0
+        for i in picked:
+            gc = grad_cam_log_odds(model, xs[i])
+            cam = class_map(outs[("fp32", kind)][i][2][0], POSITIVE, "log-odds")
+            diff = max(diff, float(np.abs(unit_max(gc) - unit_max(cam)).max()))
+        report[f"gradcam_log_odds_{kind}"] = {"images": len(picked), "max_abs_diff_normalised": diff}
+    ref = outs[("fp32", "onnxruntime")]
+    for kind in ("onnxruntime", "openvino"):
+        raw, grid = [], []
+        for i, img in enumerate(images):
+            a = class_map(ref[i][2][0], POSITIVE, "log-odds")
+            b = class_map(outs[("int8-qdq", kind)][i][2][0], POSITIVE, "log-odds")
+            raw.append(pearson(a, b))
+            geometry = prepare(img, spec)[1]
+            try:
+                ma, mb = (cam_to_image(a, geometry, model_hw, img.shape[:2]),
+                          cam_to_image(b, geometry, model_hw, img.shape[:2]))
+            except Exception:
+                continue  # no positive evidence in one of them: no grid is shipped
+            grid.append(pearson(np.asarray(grid_of(ma)), np.asarray(grid_of(mb))))
+        report[f"int8_vs_fp32_log_odds_{kind}"] = {"pearson_raw_4x4": summary(raw), "pearson_grid_16x16": summary(grid)}
+    for key, engine in engines.items():
+        t0 = time.time()
+        report[f"deletion_log_odds_{key[0]}_{key[1]}"] = deletion_test(engine, images, xs, labels, manifest,
+                                                                       map_kind="log-odds", limit=tp_limit)
+        report[f"deletion_log_odds_{key[0]}_{key[1]}"]["seconds"] = time.time() - t0
+        print(key, json.dumps(report[f"deletion_log_odds_{key[0]}_{key[1]}"]), flush=True)
+    report["deletion_class_fp32_onnxruntime"] = deletion_test(engines[("fp32", "onnxruntime")], images, xs, labels,
+                                                              manifest, map_kind="class", limit=tp_limit)
+    return report
+
+
 def unit_max(m: np.ndarray) -> np.ndarray:
     m = np.maximum(m, 0.0)
     peak = m.max()
@@ -138,8 +220,13 @@ def _margin(logits: np.ndarray) -> float:
     return float(z[POSITIVE] - z[1 - POSITIVE])
 
 
-def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), rng_seed: int = 0) -> dict:
-    """Map region vs random regions of the same size on the engine's own true positives, per region variant."""
+def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), rng_seed: int = 0,
+                  map_kind: str = "class", limit: int | None = None) -> dict:
+    """Map region vs random regions of the same size on the engine's own true positives, per region variant.
+
+    map_kind: which map of the cam output gives the region (edge_runtime.explain.class_map). limit: stop after this
+    many true positives (in validation order). On P a tie (the map's drop equal to the random drop, both usually 0
+    when P is 1.0 in float64) is counted apart; on the log-odds (logit margin) nothing saturates."""
     import cv2
 
     spec = manifest.preprocess
@@ -147,8 +234,9 @@ def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), 
     temperature, threshold = manifest.decision.temperature, manifest.decision.threshold
     top_mass = float(manifest.raw["explanation"].get("top_mass", 0.2))
     rng = np.random.default_rng(rng_seed)
-    stats = {v: {"win_p": 0, "win_margin": 0, "draws_won": 0, "draws": 0, "d_cam": [], "d_rand": []} for v in variants}
-    n, box_area = 0, []
+    stats = {v: {"win_p": 0, "tie_p": 0, "win_margin": 0, "draws_won": 0, "draws_tied": 0, "draws_won_margin": 0,
+                 "draws": 0, "d_cam": [], "d_rand": [], "dz_cam": [], "dz_rand": []} for v in variants}
+    n, box_area, saturated = 0, [], 0
 
     def scores(img: np.ndarray) -> tuple[float, float]:
         logits = engine.run(prepare(img, spec)[0])
@@ -161,9 +249,12 @@ def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), 
         p0, z0 = calibrated_p(out[0], temperature), _margin(out[0])
         if p0 < threshold:
             continue
+        if limit is not None and n >= limit:
+            break
         n += 1
+        saturated += p0 == 1.0
         h, w = img.shape[:2]
-        m = cam_to_image(out[2][0, POSITIVE], prepare(img, spec)[1], model_hw, img.shape[:2])
+        m = cam_to_image(class_map(out[2][0], POSITIVE, map_kind), prepare(img, spec)[1], model_hw, img.shape[:2])
         box = top_mass_box(m, img.shape[:2], top_mass)
         box_area.append(box.width * box.height / float(w * h))
         full = cv2.resize(m, (w, h), interpolation=cv2.INTER_LINEAR)
@@ -195,20 +286,33 @@ def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), 
             dp, dz = deleted(region)
             rand = [deleted(k) for k in randoms]
             st = stats[variant]
-            st["win_p"] += dp > float(np.mean([r[0] for r in rand]))
-            st["win_margin"] += dz > float(np.mean([r[1] for r in rand]))
-            st["draws_won"] += sum(dp > r[0] for r in rand)  # per box: P and margin rank alike
+            mean_p, mean_z = float(np.mean([r[0] for r in rand])), float(np.mean([r[1] for r in rand]))
+            st["win_p"] += dp > mean_p
+            st["tie_p"] += dp == mean_p
+            st["win_margin"] += dz > mean_z
+            st["draws_won"] += sum(dp > r[0] for r in rand)  # per box: P and margin rank alike, except P's ties
+            st["draws_tied"] += sum(dp == r[0] for r in rand)
+            st["draws_won_margin"] += sum(dz > r[1] for r in rand)
             st["draws"] += len(rand)
             st["d_cam"].append(dp)
-            st["d_rand"].append(float(np.mean([r[0] for r in rand])))
-    report = {"true_positives": n, "random_regions_per_image": RANDOM_BOXES,
-              "median_box_area_fraction": float(np.median(box_area))}
+            st["d_rand"].append(mean_p)
+            st["dz_cam"].append(dz)
+            st["dz_rand"].append(mean_z)
+    report = {"map": map_kind, "true_positives": n, "random_regions_per_image": RANDOM_BOXES,
+              "p_exactly_1_in_float64": saturated, "median_box_area_fraction": float(np.median(box_area))}
     for variant, st in stats.items():
+        ties = st["tie_p"]
         report[variant] = {"win_rate_vs_mean_of_random_p": st["win_p"] / n,
+                           "tie_rate_vs_mean_of_random_p": ties / n,
+                           "win_rate_vs_mean_of_random_p_ties_left_out": st["win_p"] / max(1, n - ties),
                            "win_rate_vs_mean_of_random_margin": st["win_margin"] / n,
                            "win_rate_per_random_region": st["draws_won"] / st["draws"],
+                           "tie_rate_per_random_region_p": st["draws_tied"] / st["draws"],
+                           "win_rate_per_random_region_margin": st["draws_won_margin"] / st["draws"],
                            "median_p_drop_map_region": float(np.median(st["d_cam"])),
-                           "median_p_drop_random_region": float(np.median(st["d_rand"]))}
+                           "median_p_drop_random_region": float(np.median(st["d_rand"])),
+                           "median_margin_drop_map_region": float(np.median(st["dz_cam"])),
+                           "median_margin_drop_random_region": float(np.median(st["dz_rand"]))}
     return report
 
 
@@ -263,6 +367,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-gradcam", type=int, default=100)
     ap.add_argument("--out", type=Path)
     ap.add_argument("--overlay", type=Path, help="write one overlay JPEG (the card's example) here")
+    ap.add_argument("--log-odds", action="store_true",
+                    help="only the log-odds map's measurements (Grad-CAM, INT8, deletion test), see follow_up_log_odds")
+    ap.add_argument("--tp-limit", type=int, help="deletion test on the first N true positives only")
     ap.add_argument("--before", type=Path, help="only compare the outputs with the files before the surgery in this folder")
     args = ap.parse_args(argv)
     t_start = time.time()
@@ -279,6 +386,14 @@ def main(argv: list[str] | None = None) -> int:
     variants = {v.id: v for v in manifest.variants}
     for v in variants.values():
         verify_variant(manifest, v)
+    if args.log_odds:
+        report = follow_up_log_odds(manifest, variants, images, xs, labels, args.n_gradcam, args.tp_limit)
+        report["seconds"] = time.time() - t_start
+        text = json.dumps(report, indent=2)
+        print(text)
+        if args.out:
+            args.out.write_text(text + "\n")
+        return 0
     engines = {(vid, kind): load_engine(kind, variants[vid].path, manifest.input.shape, EngineOptions(threads=2))
                for vid in ("fp32", "int8-qdq") for kind in ("onnxruntime", "openvino")}
     outs = {key: [e.run_all(x) for x in xs] for key, e in engines.items()}
