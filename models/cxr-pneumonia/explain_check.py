@@ -19,6 +19,11 @@
     .venv/bin/python models/cxr-pneumonia/explain_check.py --data ../shared/data/cxr-kermany --out /tmp/explain.json \
         --overlay docs/cxr-explanation-example.jpg
 
+The log-odds map (pneumonia minus normal: Grad-CAM on the log-odds that P is read from) instead of the pneumonia
+map, Grad-CAM, INT8 and deletion test only (about 2 min; results in explain-check-log-odds.json):
+
+    .venv/bin/python models/cxr-pneumonia/explain_check.py --log-odds --out models/cxr-pneumonia/explain-check-log-odds.json
+
 Logits unchanged by the surgery (no torch needed): the files before it, from git, against the shipped ones:
 
     mkdir /tmp/before && for f in fp32 int8-qdq; do git show 482bbd7:models/cxr-pneumonia/cxr-pneumonia-$f.onnx \
