@@ -103,7 +103,8 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
                         pixel_spacing_mm=spacing if spacing is not None else inp.pixel_spacing_mm,
                     )
                     frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-                    prediction = predictor.predict(frame)
+                    # --explain: every assessed finding; otherwise the daemon's rule (urgent or needs_review)
+                    prediction = predictor.predict(frame, explain=True if args.explain else None)
                     finding = build_finding(
                         identity=identity,
                         seq=seq.next(),
@@ -112,6 +113,7 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
                         head=prediction.head,
                         capture_to_result_ms=prediction.capture_to_result_ms,
                         budget_ms=manifest.latency_budget_ms,
+                        explanation=prediction.explanation,
                     )
                     print(to_json(finding), flush=True)
             except EdgeError as exc:
@@ -413,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["onnxruntime", "openvino", "auto"], help="default from config: auto")
     p.add_argument("--precision", choices=["fp32", "int8"], help="variant precision (default fp32)")
     p.add_argument("--pixel-spacing", type=float, metavar="MM", help="pixel size in mm when the input has none")
+    p.add_argument("--explain", action="store_true",
+                   help="attach an explanation (class activation map or segmentation overlay) to every assessed finding")
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files")
     p.set_defaults(func=cmd_infer)
 

@@ -70,13 +70,14 @@ def build_finding(
     head: HeadResult,
     capture_to_result_ms: float,
     budget_ms: float,
+    explanation: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     t = frame.timings_ms
     latency = {"capture_to_result": round(capture_to_result_ms, 2)}
-    for stage in ("decode", "preprocess", "inference", "postprocess"):
+    for stage in ("decode", "preprocess", "inference", "postprocess", "explain"):
         if stage in t:
             latency[stage] = round(t[stage], 2)
-    return {
+    finding = {
         "schema": SCHEMA_VERSION,
         "finding_id": str(uuid.uuid4()),
         "seq": seq,
@@ -108,6 +109,9 @@ def build_finding(
         "budget_ms": budget_ms,
         "budget_met": capture_to_result_ms <= budget_ms,
     }
+    if explanation is not None:  # issue 15: only on findings that need it (edge_runtime.explain), to keep the uplink small
+        finding["explanation"] = explanation
+    return finding
 
 
 def to_json(finding: dict[str, Any]) -> str:

@@ -2,9 +2,11 @@
 
 The scope gates (edge_runtime.scope) run here so that every caller, `infer` and the daemon alike, gets them:
 the metadata gate before any pixel work, the content gate on the engine's "features" output before the head's
-result is reported."""
+result is reported. The explanation (edge_runtime.explain) is built here too, from the same outputs, for the
+findings that need one: assessed and urgent or needs_review, or whenever the caller asks (`infer --explain`)."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, replace
 
@@ -13,6 +15,7 @@ import numpy as np
 from edge_runtime.engines import EngineOptions, load_engine, resolve_auto
 from edge_runtime.engines.base import Engine
 from edge_runtime.errors import ModelError
+from edge_runtime.explain import ExplanationUnavailable, cam_explanation, segmentation_explanation
 from edge_runtime.findings import ModelRef
 from edge_runtime.frames import Frame, Stopwatch
 from edge_runtime.heads import HeadResult, make_head
@@ -20,6 +23,9 @@ from edge_runtime.imaging.preprocess import prepare
 from edge_runtime.registry import ModelManifest, ModelRegistry, Variant, verify_variant
 from edge_runtime.scope import (ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal,
                                 not_assessed)
+
+log = logging.getLogger("edge_runtime.pipeline")
+EXPLAIN_MODES = ("flagged", "always", "never")
 
 
 def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
@@ -38,12 +44,15 @@ def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
 class Prediction:
     head: HeadResult
     capture_to_result_ms: float
+    explanation: dict | None = None  # the finding's `explanation`, when one was wanted and could be built
 
 
 class Predictor:
     """One loaded model variant on one engine."""
 
-    def __init__(self, manifest: ModelManifest, variant: Variant, engine: Engine) -> None:
+    def __init__(self, manifest: ModelManifest, variant: Variant, engine: Engine, explain: str = "flagged") -> None:
+        if explain not in EXPLAIN_MODES:
+            raise ValueError(f"explain must be one of {', '.join(EXPLAIN_MODES)}; got {explain!r}")
         self.manifest = manifest
         self.variant = variant
         self.engine = engine
@@ -51,6 +60,8 @@ class Predictor:
         self.gate = ContentGate(manifest.name, gate_spec(manifest, variant)) if manifest.scope.content else None
         if self.gate is not None:
             self._check_features_output()
+        self.explain_mode = explain
+        self.cam_index, self.explain_missing = self._explanation_source()
         self.ref = ModelRef(
             name=manifest.name,
             version=manifest.version,
@@ -87,6 +98,65 @@ class Predictor:
                                                  f"{self.gate.dim} values (found {width}); "
                                                  "re-run quantize.scope_features")
 
+    def _explanation_source(self) -> tuple[int | None, str | None]:
+        """(index of the map output in run_all, None) or (None, why findings of this variant carry no explanation).
+        A model without the output still runs: it is only said once, here."""
+        spec = self.manifest.explanation
+        if spec is None:
+            return None, f"{self.manifest.name} declares no [explanation] in its manifest"
+        if spec.method != "cam":
+            return None, None
+        names = list(getattr(self.engine, "output_names", []) or [])
+        if spec.output in names:
+            return names.index(spec.output), None
+        reason = (f"variant {self.variant.id} has no '{spec.output}' output (outputs: {', '.join(names) or 'unknown'}); "
+                  "findings carry no explanation: add it with python -m quantize.cam_output")
+        log.warning("%s: %s", self.manifest.name, reason)
+        return None, reason
+
+    def wants_explanation(self, head: HeadResult, explain: bool | None) -> bool:
+        """explain=None: the predictor's mode ("flagged": assessed and urgent or needs_review); True/False: the caller's."""
+        if head.result.get("assessed") is False:
+            return False  # the model did not read the input: there is nothing to explain
+        if explain is not None:
+            return explain
+        if self.explain_mode != "flagged":
+            return self.explain_mode == "always"
+        return head.priority == "urgent" or head.result.get("needs_review") is True
+
+    def _explain(self, outputs: list[np.ndarray], geometry, frame: Frame, head: HeadResult) -> dict | None:
+        """The explanation, or None with a logged reason: never an error for the finding."""
+        spec = self.manifest.explanation
+        try:
+            if spec is None or (spec.method == "cam" and self.cam_index is None):
+                raise ExplanationUnavailable(self.explain_missing)
+            if spec.method == "cam":
+                cam = np.asarray(outputs[self.cam_index])
+                index = self.manifest.output.labels.index(spec.label)
+                if cam.ndim != 4 or cam.shape[1] <= index:
+                    raise ExplanationUnavailable(f"output '{spec.output}' has shape {list(cam.shape)}, not [1, classes, h, w]")
+                model_hw = (self.manifest.preprocess.height, self.manifest.preprocess.width)
+                return cam_explanation(frame.pixels, cam[0, index], geometry, model_hw, spec.label, spec.top_mass)
+            return self._segmentation_explanation(outputs[0], geometry, frame, head)
+        except ExplanationUnavailable as exc:
+            log.info("%s: %s: explanation left out: %s", self.manifest.name, frame.source_name, exc)
+        except Exception as exc:  # a bug in drawing must not cost the finding
+            log.warning("%s: %s: explanation left out: internal error %s: %s", self.manifest.name, frame.source_name,
+                        type(exc).__name__, exc)
+        return None
+
+    def _segmentation_explanation(self, output: np.ndarray, geometry, frame: Frame, head: HeadResult) -> dict:
+        from edge_runtime.heads.geometry import segment_ellipse
+        from edge_runtime.heads.segmentation import sigmoid
+
+        if not head.result.get("detected"):
+            raise ExplanationUnavailable("no fetal head was measured in the frame")
+        logits = np.asarray(output, dtype=np.float32)
+        logits = logits.reshape(logits.shape[-2:])
+        prob = sigmoid(logits) if self.manifest.output.activation == "sigmoid" else logits
+        _, mask = segment_ellipse(prob, geometry, frame.pixels.shape[:2], None, self.manifest.segmentation.threshold)
+        return segmentation_explanation(frame.pixels, head.result["ellipse"], mask, self.manifest.explanation.label)
+
     def _gated_head(self, outputs: list[np.ndarray], geometry, frame: Frame) -> HeadResult:
         """The content gate's verdict, else the head's result marked assessed (with how typical the image was)."""
         score = None
@@ -106,7 +176,8 @@ class Predictor:
                                         "the scope")
         return HeadResult(head.task, result, head.priority)
 
-    def predict(self, frame: Frame) -> Prediction:
+    def predict(self, frame: Frame, explain: bool | None = None) -> Prediction:
+        """explain: None follows the predictor's mode; True/False overrides it for this frame."""
         manifest = self.manifest
         reason = metadata_refusal(manifest.scope, frame.study, manifest.name)
         if reason is not None:
@@ -116,7 +187,12 @@ class Predictor:
         with Stopwatch(frame, "preprocess"):
             x, geometry = prepare(frame.pixels, manifest.preprocess)
         with Stopwatch(frame, "inference"):
-            outputs = self.engine.run_all(x) if self.gate is not None else [self.engine.run(x)]
+            every = self.gate is not None or self.cam_index is not None
+            outputs = self.engine.run_all(x) if every else [self.engine.run(x)]
         with Stopwatch(frame, "postprocess"):
             head = self._gated_head(outputs, geometry, frame)
-        return Prediction(head, (time.monotonic() - frame.captured_at) * 1000.0)
+        explanation = None
+        if self.wants_explanation(head, explain):
+            with Stopwatch(frame, "explain"):
+                explanation = self._explain(outputs, geometry, frame, head)
+        return Prediction(head, (time.monotonic() - frame.captured_at) * 1000.0, explanation)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import ConfigError, ModelError
+from edge_runtime.explain import METHODS as EXPLANATION_METHODS, ExplanationSpec
 from edge_runtime.imaging.preprocess import CHANNELS, INTERPOLATIONS, RESIZE_MODES, PreprocessSpec
 from edge_runtime.scope import ContentGateSpec, ScopeSpec
 
@@ -97,6 +98,7 @@ class ModelManifest:
     folder: Path
     raw: dict[str, Any]
     scope: ScopeSpec = ScopeSpec()
+    explanation: ExplanationSpec | None = None  # [explanation]: how findings show why (None: they never do)
 
     def variant(self, engine: str, precision: str) -> Variant:
         """The variant for an engine and precision; OpenVINO prefers its own IR when both exist."""
@@ -267,7 +269,29 @@ def parse_manifest(path: Path) -> ModelManifest:
         folder=path.parent,
         raw=raw,
         scope=parse_scope(path, r, modality),
+        explanation=parse_explanation(path, r, task, output, decision),
     )
+
+
+def parse_explanation(path: Path, r: _Reader, task: str, output: OutputSpec,
+                      decision: DecisionSpec | None) -> ExplanationSpec | None:
+    """[explanation]: method "cam" (classification; names the graph output and the label whose map is shown) or
+    "segmentation" (the head mask and ellipse; no graph output)."""
+    e = r.sub("explanation", required=False)
+    if e is None:
+        return None
+    method = e.get("method", str, allowed=EXPLANATION_METHODS)
+    wanted = "classification" if method == "cam" else "segmentation"
+    if task != wanted:
+        raise ConfigError(str(path), f"key 'explanation.method' {method!r} needs task {wanted!r}; the model's task is {task!r}")
+    top_mass = e.get("top_mass", float, 0.2)
+    if not 0.0 < top_mass <= 1.0:
+        raise ConfigError(str(path), f"key 'explanation.top_mass' must be in (0, 1]; got {top_mass}")
+    if method == "segmentation":
+        return ExplanationSpec(method, label=output.labels[0], top_mass=top_mass)
+    default_label = decision.positive_label if decision is not None else output.labels[-1]
+    return ExplanationSpec(method, output=e.get("output", str, "cam"),
+                           label=e.get("label", str, default_label, output.labels), top_mass=top_mass)
 
 
 def parse_scope(path: Path, r: _Reader, modality: tuple[str, ...]) -> ScopeSpec:

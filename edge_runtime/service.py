@@ -653,7 +653,11 @@ class Service:
             frame = Frame(pixels, src.kind, item.path.name, captured_at=captured,
                           study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
-            prediction = predictor.predict(frame)
+            if manifest.task == "segmentation" and inp.n_frames == 1:
+                # A single-frame ultrasound study is its own key frame: its measurement carries the mask overlay
+                prediction = predictor.predict(frame, explain=True)
+            else:
+                prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
             self._commit(finding, items[index])
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
@@ -661,7 +665,8 @@ class Service:
 
     def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
         return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
-                             capture_to_result_ms=prediction.capture_to_result_ms, budget_ms=budget_ms)
+                             capture_to_result_ms=prediction.capture_to_result_ms, budget_ms=budget_ms,
+                             explanation=prediction.explanation)
 
     def _record(self, model: str, frame: Frame, total_ms: float, budget_ms: float, priority: str,
                 counted: bool = True) -> None:

@@ -36,6 +36,7 @@ class Engine(Protocol):
     precision: str  # the precision the device computes in, e.g. "f32", "bf16", "int8"
     fallbacks: list[str]  # why preferred devices were skipped, in order
     load_ms: float  # session creation / compilation time, warm-up excluded
+    output_names: list[str]  # graph output names in run_all order ("logits", "features", "cam")
 
     def run(self, x: np.ndarray) -> np.ndarray:
         """One input tensor in, the model's first output out."""

@@ -75,6 +75,7 @@ class OnnxRuntimeEngine:
         self.load_ms = (time.perf_counter() - t0) * 1000
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+        self.output_names = [o.name for o in self.session.get_outputs()]
         self.precision = _precision_of(self.session)
 
     def run(self, x: np.ndarray) -> np.ndarray:

@@ -59,6 +59,8 @@ class OpenVinoEngine:
         self.device, self.compiled, self.fallbacks = first_working_device(KIND, preferred, available_devices(), load)
         self.load_ms = (time.perf_counter() - t0) * 1000
         self.request = self.compiled.create_infer_request()
+        # The ONNX output names survive conversion as tensor names (a nameless output gets its index).
+        self.output_names = [o.get_any_name() if o.get_names() else str(i) for i, o in enumerate(self.compiled.outputs)]
         try:
             # An ov.Type such as f32 or bf16: the precision the device really computes in.
             self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
