@@ -29,6 +29,7 @@ the open exam's aggregate (it lives in memory only); closed exams are committed 
 """
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -45,12 +46,15 @@ from edge_runtime.errors import ConfigError
 from edge_runtime.findings import DeviceIdentity, ModelRef, build_finding
 from edge_runtime.frames import Frame
 from edge_runtime.heads import HeadResult
+from edge_runtime.explain import ExplanationUnavailable, segmentation_explanation
 from edge_runtime.heads.geometry import hadlock_ga_weeks
 from edge_runtime.keyframe import key_frame_jpeg
 
 # Why a frame of an open exam was not used (the keys of exam.frames_rejected).
 REJECTIONS = ("no_head", "scope", "fit", "area", "no_spacing", "unstable")
 END_REASONS = ("target_absent", "max_duration", "feed_silent", "stop")
+
+log = logging.getLogger("edge_runtime.exams")
 
 
 def resolve_results(src: SourceSection, task: str, where: str = "configuration") -> str:
@@ -389,7 +393,24 @@ def exam_finding(summary: ExamSummary, identity: DeviceIdentity, budget_ms: floa
             thumb = key_frame_jpeg(key.frame.pixels, key.result.get("ellipse"), contour=key.result.get("contour"))
             exam["key_frame"]["thumbnail"] = thumb.as_json()
     finding["exam"] = exam
+    explanation = key_frame_explanation(summary)
+    if explanation is not None:
+        finding["explanation"] = explanation
     return finding
+
+
+def key_frame_explanation(summary: ExamSummary) -> dict[str, Any] | None:
+    """The segmentation explanation (mask and fitted ellipse on the key frame), for an exam that is flagged
+    (urgent or needs_review) the way a frame's finding would be; routine exams carry only the thumbnail."""
+    key = summary.key
+    flagged = summary.priority == "urgent" or summary.result.get("needs_review") is True
+    if key is None or not summary.assessed or not flagged or not key.result.get("ellipse"):
+        return None
+    try:
+        return segmentation_explanation(key.frame.pixels, key.result["ellipse"])
+    except ExplanationUnavailable as exc:
+        log.info("exam %s: explanation left out: %s", summary.exam_id, exc)
+        return None
 
 
 def describe(summary: ExamSummary) -> str:

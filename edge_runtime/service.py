@@ -494,7 +494,8 @@ class Service:
             progress.start_item()
             started = time.monotonic()
             try:
-                prediction = predictor.predict(frame)
+                # exam mode: a frame's explanation would never leave the device; the exam's key frame gets one
+                prediction = predictor.predict(frame, explain=False if mode == "exam" else None)
                 service_ms = (time.monotonic() - started) * 1000.0
                 committed = mode != "exam" and self._commit_frame(src, frame, predictor, prediction, budget.budget_ms)
             except EdgeError as exc:  # counted and skipped; an open exam goes on

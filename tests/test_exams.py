@@ -194,6 +194,20 @@ def test_the_exam_finding_carries_the_exam_object_and_a_key_frame_thumbnail_unde
     assert thumb["media_type"] == "image/jpeg" and len(jpeg) == thumb["bytes"] <= KEY_FRAME_MAX_BYTES
     img = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
     assert img.shape[:2] == (thumb["height"], thumb["width"])
+    assert "explanation" not in f  # a routine exam: the thumbnail is all that travels
+
+
+def test_an_exam_that_needs_review_carries_the_key_frame_segmentation_explanation():
+    feed = Feed(tracker())
+    feed.show(5, lambda i: head(190.0))  # under review_frames usable frames: needs_review
+    (exam,) = feed.tracker.flush()
+    f = exam_finding(exam, IDENTITY, 33.0)
+    assert f["result"]["assessed"] and f["result"]["needs_review"] is True
+    x = f["explanation"]
+    assert x["method"] == "segmentation" and len(x["grid"]) == 16 and all(len(row) == 16 for row in x["grid"])
+    box, (cx, cy) = x["bbox"], exam.key.result["ellipse"]["center_px"]
+    assert box["x"] < cx < box["x"] + box["width"] and box["y"] < cy < box["y"] + box["height"]
+    assert x["overlay"].startswith("data:image/jpeg;base64,")
 
 
 def test_key_frame_jpeg_draws_the_ellipse_and_fits_24_kb_even_for_noise():
