@@ -47,6 +47,9 @@ UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "conn
                    "connect_failures", "errors", "new_sessions", "requeued",
                    "receipts", "stored", "receipt_unknown", "receipt_foreign", "receipt_malformed", "receipt_resent",
                    "half_open", "net_events")
+PACS_COUNTERS = ("sent", "stored", "duplicates", "warnings", "refused", "transient", "associations", "rejected",
+                 "connect_failures", "aborted", "build_errors")
+PACS_GAUGES = ("up", "outbox_pending", "outbox_stored", "outbox_refused", "outbox_oldest_pending_s", "skipped")
 LATENCY_WINDOW = 1000  # findings per model behind the exact percentiles `status` shows
 WINDOW_QUANTILES = (0.5, 0.95, 0.99, 1.0)
 FIRST_OPEN_WAIT_S = 5.0  # readiness waits this long for live sources' first open, to report what is up
@@ -153,6 +156,7 @@ class Service:
         self.budgets: dict[str, BudgetController] = {}
         self.outbox = None
         self.uplink = None
+        self.pacs = None  # edge_runtime.pacs.delivery.PacsDelivery when [pacs] has a host
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.alarms: list[str] = []
@@ -193,6 +197,7 @@ class Service:
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
+        self.pacs = self._start_pacs()
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
         for source in self.live_sources:  # "ready" must say whether the probe is really there
             source.first_attempt.wait(max(0.0, deadline - time.monotonic()))
@@ -242,15 +247,17 @@ class Service:
     def current_alarms(self) -> list[dict]:
         """Sources down longer than service.source_down_alarm_s; the uplink puts these in its telemetry."""
         limit = self.config.service.source_down_alarm_s
-        if limit <= 0:
-            return []
         now = time.time()
-        return [{"kind": "source_down", "source": name, "since": _utc(state.since), "down_s": round(now - state.since),
-                 "reason": state.reason}
-                for name, state in self.source_states().items() if state.state == "down" and now - state.since >= limit]
+        alarms = [{"kind": "source_down", "source": name, "since": _utc(state.since), "down_s": round(now - state.since),
+                   "reason": state.reason}
+                  for name, state in self.source_states().items()
+                  if limit > 0 and state.state == "down" and now - state.since >= limit]
+        if self.pacs is not None and self.pacs.active_alarm:  # e.g. the PACS rejects our AE title
+            alarms.append({"kind": "pacs", "pacs": self.pacs.where, "reason": self.pacs.active_alarm})
+        return alarms
 
     def _check_source_alarms(self) -> None:
-        alarms = {a["source"]: a for a in self.current_alarms()}
+        alarms = {a["source"]: a for a in self.current_alarms() if a["kind"] == "source_down"}
         for name, alarm in alarms.items():
             if name not in self._source_alarms:
                 log.error("ALARM: source %s down for %d s: %s", name, alarm["down_s"], alarm["reason"],
@@ -306,6 +313,46 @@ class Service:
             uplink.start()
         return uplink
 
+    def _start_pacs(self):
+        """The PACS worker, when [pacs] names a host: reports for study findings, by C-STORE from the outbox."""
+        if not self.config.pacs.host:
+            return None
+        from edge_runtime.pacs.delivery import PacsDelivery
+
+        pacs = PacsDelivery(self.outbox, self.config.pacs, self.config.state_dir / "pacs-spool", alarm=self._alarm)
+        self.metrics.watch("edge_pacs", pacs.stats, counters=PACS_COUNTERS, gauges=PACS_GAUGES)
+        m = self.metrics
+        m.watch_labeled("edge_pacs_info", "The PACS destination and its delivery state (value 1)",
+                        ["pacs", "calling_ae", "state", "reason"],
+                        lambda: [((pacs.where, self.config.pacs.calling_ae, pacs.state,
+                                   pacs.active_alarm or pacs.last_error), 1.0)])
+        m.watch_labeled("edge_pacs_refused_info", "The most recent reports the PACS refused (value: DICOM status)",
+                        ["finding_id", "reason"],
+                        lambda: [((r["finding_id"], r["reason"]), float(r["status"] if r["status"] is not None else -1))
+                                 for r in pacs.refused()])
+        m.watch_labeled("edge_pacs_skipped", "Study findings that got no PACS report, by reason", ["reason"],
+                        lambda: [((reason,), float(n)) for reason, n in list(pacs.skipped.items())])
+        pacs.start()
+        return pacs
+
+    def _pacs_deliveries(self, src: SourceSection, name: str, inp, index: int, manifest) -> dict | None:
+        """What the PACS destination needs of this study finding ({'pacs': source reference}), or None: no PACS,
+        or an input that cannot have a report (a PNG has no DICOM identifiers), counted by reason for `status`."""
+        if self.pacs is None:
+            return None
+        from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
+
+        reason = no_report_reason(inp.meta, inp.n_frames)
+        if reason is not None:
+            self.pacs.note_skipped(reason)
+            if index == 0:
+                log.info("%s: %s gets no PACS report: %s", src.name, name, reason,
+                         extra={"source": src.name, "input": name, "reason": reason})
+            return None
+        positive = manifest.decision.positive_label if manifest.decision else ""
+        return {DESTINATION: source_reference(inp.meta, frame_index=index, n_frames=inp.n_frames,
+                                              positive_label=positive)}
+
     def _start_source(self, src: SourceSection) -> None:
         runner = self.runners[src.model]
         progress = self.progress[src.name] = Progress(src.name)
@@ -357,8 +404,8 @@ class Service:
             log.exception("worker %s crashed", progress.name)
             progress.busy_since = 0.0  # reads as stalled: the watchdog stops, systemd restarts us
 
-    def _commit(self, finding: dict, source_item: str | None) -> int | None:
-        return self.outbox.commit(finding, source_item=source_item)
+    def _commit(self, finding: dict, source_item: str | None, deliveries: dict | None = None) -> int | None:
+        return self.outbox.commit(finding, source_item=source_item, deliveries=deliveries)
 
     def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
         from edge_runtime.outbox import OutboxError, OutboxFull
@@ -553,7 +600,7 @@ class Service:
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
             prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
-            self._commit(finding, items[index])
+            self._commit(finding, items[index], self._pacs_deliveries(src, item.path.name, inp, index, manifest))
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
         return finding
 
@@ -592,6 +639,8 @@ class Service:
                 stalled.append(f"{source.name}/capture")
         if self.uplink is not None and not self.uplink.alive():
             stalled.append("uplink")
+        if self.pacs is not None and not self.pacs.alive():
+            stalled.append("pacs")
         stages = list(self.progress) + [f"{s.name}/capture" for s in self.live_sources]
         stages += ["uplink"] if self.uplink is not None else []
         for name in stages:
@@ -657,6 +706,8 @@ class Service:
             status = 1
         if self.uplink is not None:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
+        if self.pacs is not None:  # a report in flight is sent again at the next start: same object, no duplicate
+            self.pacs.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
         if not busy:

@@ -1,0 +1,403 @@
+"""Store-and-forward of reports to the clinic's PACS: C-STORE (pynetdicom SCU) from the outbox's PACS deliveries.
+
+The same guarantees as the MQTT uplink: a report is owed from the moment its finding is committed (the delivery
+row is written in the finding's transaction) and it is done only on a Success or Warning status (the PACS stored
+it, perhaps coerced) or "duplicate SOP instance" (it has it already: a re-send after a crash is the same object,
+since its SOP Instance UID comes from the finding_id). A PACS that is down, unreachable or rejects the
+association costs nothing: the reports wait in the outbox and the association is retried with a doubling backoff
+(retry_min_s .. retry_max_s); a rejection is an alarm naming the AE titles and the reason. A failure status on
+one object is its own: out of resources is retried (max_attempts), anything else refuses the object, which is
+kept in the outbox with the status, counted and listed in `status`, and not tried again until an operator
+requeues it.
+
+Reports are built in a separate, niced process (`build_workers`): highdicom takes ~15-20 ms a report, and a
+backlog of a thousand after a PACS outage must neither take the live pipeline's CPU nor hold its GIL. The
+builder writes each report to a spool file that is sent as it is (no second encoding) and removed after.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Callable
+
+from edge_runtime.outbox import DeliveryOutcome, DeliveryRow, Outbox, OutboxError
+from edge_runtime.pacs.reference import DESTINATION
+
+log = logging.getLogger("edge_runtime.pacs")
+
+COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
+IDLE_RELEASE_S = 5.0  # an association with nothing to send is released after this long
+POLL_S = 0.25  # how often an idle worker looks for new deliveries
+REFUSED_SHOWN = 20
+
+
+def status_outcome(status: int) -> str:
+    """'stored', 'transient' or 'refused' for a C-STORE status (PS3.4 B.2.3, PS3.7 C)."""
+    if status == 0x0000 or status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "stored"  # success, or a warning: the PACS holds the object (coerced / elements discarded)
+    if status == 0x0111:
+        return "stored"  # duplicate SOP instance: it has this very object already
+    if 0xA700 <= status <= 0xA7FF or status in (0x0210, 0x0213):
+        return "transient"  # out of resources, duplicate invocation, resource limitation: later
+    return "refused"  # does not match the SOP class, cannot understand, not authorised, SOP class not supported
+
+
+def _status_text(status: int) -> str:
+    try:
+        from pynetdicom.status import code_to_category, code_to_status
+        info = code_to_status(status)
+        return f"0x{status:04X} {code_to_category(status)}: {info[1] if info else ''}".rstrip(": ")
+    except Exception:  # noqa: BLE001 - the number alone still says it
+        return f"0x{status:04X}"
+
+
+# ------------------------------------------------------------------ report building (child process)
+def _init_builder(nice: int) -> None:
+    if nice:
+        try:
+            os.nice(nice)
+        except OSError:
+            pass
+    importlib.import_module("edge_runtime.pacs.sr")  # highdicom's import (~0.4 s) before the first report
+
+
+def build_report_file(payload: str, local: dict[str, Any], path: str) -> str:
+    """Build the report of one delivery into `path` (atomically); returns its SOP Instance UID. Raises
+    ReportError when the finding cannot make a valid report."""
+    from edge_runtime.pacs.sr import build_sr
+
+    sr = build_sr(json.loads(payload), local)
+    tmp = f"{path}.tmp"
+    sr.save_as(tmp, enforce_file_format=True)
+    os.replace(tmp, path)
+    return str(sr.SOPInstanceUID)
+
+
+class ReportBuilder:
+    """Builds reports in `workers` niced processes (0: in the calling thread), ahead of the sender."""
+
+    def __init__(self, spool_dir: Path, workers: int = 1, nice: int = 10) -> None:
+        self.spool_dir = Path(spool_dir)
+        self.workers = workers
+        self.nice = nice
+        self._pool: ProcessPoolExecutor | None = None
+        self.restarts = 0
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.spool_dir.glob("*.dcm*"):  # a crash left them; every report can be built again
+            stale.unlink(missing_ok=True)
+
+    def path_for(self, row: DeliveryRow) -> Path:
+        return self.spool_dir / f"{row.seq}.dcm"
+
+    def submit(self, row: DeliveryRow) -> Future:
+        path = str(self.path_for(row))
+        if self.workers == 0:
+            fut: Future = Future()
+            try:
+                fut.set_result(build_report_file(row.payload, row.local, path))
+            except Exception as exc:  # noqa: BLE001 - the sender reads it as this report's failure
+                fut.set_exception(exc)
+            return fut
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                             initializer=_init_builder, initargs=(self.nice,))
+        return self._pool.submit(build_report_file, row.payload, row.local, path)
+
+    def broken(self) -> None:
+        """The pool died (a builder was killed): the next submit starts a fresh one."""
+        self.restarts += 1
+        self.close()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+
+# ------------------------------------------------------------------ the worker
+@dataclass
+class _Peer:
+    assoc: Any
+    explicit: bool  # the PACS accepted Explicit VR Little Endian: spool files go as they are
+    used_at: float
+
+
+class PacsDelivery:
+    """The PACS worker thread. `alarm(text)` is called once per new alarm (the service logs and shows it)."""
+
+    def __init__(self, outbox: Outbox, cfg, spool_dir: Path, alarm: Callable[[str], None] | None = None) -> None:
+        self.outbox = outbox
+        self.cfg = cfg
+        self.alarm = alarm or (lambda text: log.error("ALARM: %s", text))
+        self.builder = ReportBuilder(spool_dir, cfg.build_workers, cfg.build_nice)
+        self.where = f"{cfg.called_ae}@{cfg.host}:{cfg.port}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._peer: _Peer | None = None
+        self._backoff = cfg.retry_min_s
+        self._retry_at = 0.0
+        self.state = "idle"  # idle | up | down | rejected
+        self.last_error = ""
+        self.active_alarm = ""  # the alarm in force (cleared once an association is established)
+        self.counters = {"sent": 0, "stored": 0, "duplicates": 0, "warnings": 0, "refused": 0, "transient": 0,
+                         "associations": 0, "rejected": 0, "connect_failures": 0, "aborted": 0, "build_errors": 0}
+        self.skipped: dict[str, int] = {}  # findings that get no report, by reason (counted by the service)
+
+    # ------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pacs", daemon=True)
+        self._thread.start()
+        log.info("PACS delivery to %s (calling AE %s%s)", self.where, self.cfg.calling_ae,
+                 ", TLS" if self.cfg.tls else "")
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._release()
+        self.builder.close()
+
+    def alive(self) -> bool:
+        return self._thread is None or self._thread.is_alive()
+
+    def note_skipped(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.counters)
+        try:
+            out.update({f"outbox_{k}": v for k, v in self.outbox.delivery_stats(DESTINATION).items()})
+        except OutboxError:
+            pass
+        out.update(up=1 if self.state == "up" else 0, state=self.state, last_error=self.last_error,
+                   skipped=sum(self.skipped.values()), builder_restarts=self.builder.restarts)
+        return out
+
+    def refused(self) -> list[dict[str, Any]]:
+        try:
+            return self.outbox.refused_deliveries(DESTINATION, REFUSED_SHOWN)
+        except OutboxError:
+            return []
+
+    # ------------------------------------------------------------ loop
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if not self._step():
+                    self._stop.wait(POLL_S)
+            except OutboxError as exc:
+                self._note_error(f"outbox: {exc.reason}")
+                self._stop.wait(1.0)
+            except Exception as exc:  # noqa: BLE001 - a bug must not end PACS delivery silently
+                log.exception("PACS delivery failed; retrying")
+                self._note_error(f"{type(exc).__name__}: {exc}")
+                self._drop_peer()
+                self._stop.wait(1.0)
+
+    def _step(self) -> bool:
+        """One batch; False when there was nothing to do (or the PACS is backing off)."""
+        now = time.time()
+        if now < self._retry_at:
+            return False
+        rows = self.outbox.due_deliveries(DESTINATION, self.cfg.batch, now)
+        if not rows:
+            if self._peer is not None and time.monotonic() - self._peer.used_at > IDLE_RELEASE_S:
+                self._release()
+            if self.state == "up" and self._peer is None:
+                self.state = "idle"
+            return False
+        peer = self._peer or self._associate(len(rows))
+        if peer is None:
+            return False
+        self._send(peer, rows)
+        return True
+
+    def _send(self, peer: _Peer, rows: list[DeliveryRow]) -> None:
+        futures = [(row, self.builder.submit(row)) for row in rows]  # built ahead while earlier ones are sent
+        try:
+            for i, (row, fut) in enumerate(futures):
+                if self._stop.is_set():
+                    return
+                outcome = self._send_one(peer, row, fut)
+                if outcome is None:  # the association is gone: the rest stay pending, untouched
+                    return
+                self.outbox.mark_deliveries(DESTINATION, [outcome])
+        finally:
+            for row, fut in futures:
+                fut.cancel()
+                self.builder.path_for(row).unlink(missing_ok=True)
+
+    def _send_one(self, peer: _Peer, row: DeliveryRow, fut: Future) -> DeliveryOutcome | None:
+        try:
+            fut.result(timeout=max(60.0, self.cfg.timeout_s))
+        except BrokenProcessPool:
+            self.builder.broken()
+            return self._transient(row, None, "the report builder process died while building it")
+        except TimeoutError:  # a busy machine, not this report's fault
+            return self._transient(row, None, "building the report timed out")
+        except Exception as exc:  # noqa: BLE001 - ReportError, or a bug in building this finding
+            self.counters["build_errors"] += 1
+            reason = f"cannot build the report: {exc}"
+            log.error("PACS: finding %s refused locally: %s", row.finding_id, reason)
+            return DeliveryOutcome(row.seq, "refused", None, reason)
+        path = self.builder.path_for(row)
+        dataset: Any = path
+        if not peer.explicit:  # the PACS takes Implicit VR only: let pynetdicom re-encode it
+            from pydicom import dcmread
+            dataset = dcmread(path)
+        try:
+            rsp = peer.assoc.send_c_store(dataset)
+        except (ValueError, AttributeError, RuntimeError, OSError) as exc:
+            self._lost(f"C-STORE failed: {exc}")
+            return None
+        peer.used_at = time.monotonic()
+        self.counters["sent"] += 1
+        status = int(rsp.Status) if rsp is not None and "Status" in rsp else None
+        if status is None:  # no response: timeout, abort, connection lost
+            self._lost("no C-STORE response (timeout, abort or connection lost)")
+            return None
+        outcome = status_outcome(status)
+        text = _status_text(status)
+        if outcome == "stored":
+            self.counters["stored"] += 1
+            if status == 0x0111:
+                self.counters["duplicates"] += 1
+            elif status:
+                self.counters["warnings"] += 1
+            return DeliveryOutcome(row.seq, "stored", status, "" if status == 0 else text)
+        if outcome == "transient" and row.attempts + 1 < self.cfg.max_attempts:
+            return self._transient(row, status, f"{self.where} answered {text}")
+        self.counters["refused"] += 1
+        reason = f"{self.where} refused it: {text}" + (
+            f" (after {row.attempts + 1} attempts)" if outcome == "transient" else "")
+        log.error("PACS: report for finding %s refused: %s; kept in the outbox, not retried", row.finding_id, reason)
+        return DeliveryOutcome(row.seq, "refused", status, reason)
+
+    def _transient(self, row: DeliveryRow, status: int | None, reason: str) -> DeliveryOutcome:
+        self.counters["transient"] += 1
+        if row.attempts + 1 >= self.cfg.max_attempts:
+            self.counters["refused"] += 1
+            return DeliveryOutcome(row.seq, "refused", status, f"{reason} (after {row.attempts + 1} attempts)")
+        delay = min(self.cfg.retry_max_s, self.cfg.retry_min_s * 2 ** row.attempts)
+        return DeliveryOutcome(row.seq, "retry", status, reason, time.time() + delay)
+
+    # ------------------------------------------------------------ association
+    def _associate(self, owed: int) -> _Peer | None:
+        from pynetdicom import AE, _config, evt
+
+        _config.STORE_SEND_CHUNKED_DATASET = True  # a spool file is streamed as it is, never decoded again
+        cfg = self.cfg
+        ae = AE(ae_title=cfg.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = cfg.timeout_s
+        ae.connection_timeout = cfg.timeout_s
+        ae.add_requested_context(COMPREHENSIVE_SR, [EXPLICIT_LE, IMPLICIT_LE])
+        answer: dict[str, Any] = {}
+
+        def on_acse(event) -> None:
+            primitive = event.primitive
+            if getattr(primitive, "result", None) in (1, 2):
+                answer["rejection"] = (f"{primitive.result_str}, source {primitive.source_str}: "
+                                       f"{primitive.reason_str}")
+
+        try:
+            tls = self._tls_args()
+        except (OSError, ssl.SSLError) as exc:
+            self._fail("down", f"cannot set up TLS for {self.where}: {exc}", owed, alarm=True)
+            return None
+        try:
+            assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, tls_args=tls,
+                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+        except (OSError, ValueError, RuntimeError) as exc:
+            self._fail("down", f"cannot reach the PACS {self.where}: {exc}", owed)
+            return None
+        if assoc.is_established:
+            cx = [c for c in assoc.accepted_contexts if c.abstract_syntax == COMPREHENSIVE_SR]
+            if not cx:
+                assoc.release()
+                self._fail("rejected", f"PACS {self.where} accepts no Comprehensive SR Storage from calling AE "
+                                       f"{cfg.calling_ae} (enable the SOP class there)", owed, alarm=True)
+                return None
+            explicit = any(c.transfer_syntax and c.transfer_syntax[0] == EXPLICIT_LE for c in cx)
+            self._peer = _Peer(assoc, explicit, time.monotonic())
+            self.counters["associations"] += 1
+            self._backoff = cfg.retry_min_s
+            if self.state != "up":
+                log.info("PACS %s: association established; %d report(s) owed", self.where, owed)
+            if self.active_alarm:
+                log.warning("PACS %s: alarm cleared", self.where)
+                self.active_alarm = ""
+            self.state, self.last_error = "up", ""
+            return self._peer
+        if assoc.is_rejected:
+            self.counters["rejected"] += 1
+            why = answer.get("rejection", "no reason given")
+            self._fail("rejected", f"PACS {self.where} rejected the association from calling AE {cfg.calling_ae} "
+                                   f"(called AE {cfg.called_ae}): {why}; check pacs.called_ae and pacs.calling_ae "
+                                   "against the PACS's configuration", owed, alarm=True)
+        elif assoc.is_aborted:
+            self.counters["aborted"] += 1
+            self._fail("down", f"PACS {self.where} aborted the association (TLS mismatch, or it refuses calling "
+                               f"AE {cfg.calling_ae})", owed, alarm=cfg.tls)
+        else:
+            self._fail("down", f"cannot reach the PACS {self.where} (connection refused or timed out)", owed)
+        return None
+
+    def _tls_args(self):
+        cfg = self.cfg
+        if not cfg.tls:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
+        if cfg.cert_file:
+            context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+        return context, cfg.host
+
+    def _fail(self, state: str, text: str, owed: int, alarm: bool = False) -> None:
+        if state != "rejected":
+            self.counters["connect_failures"] += 1
+        self.state = state
+        delay = self._backoff
+        self._backoff = min(self.cfg.retry_max_s, self._backoff * 2)
+        self._retry_at = time.time() + delay
+        message = f"{text}; {owed}+ report(s) wait in the outbox, retry in {delay:.0f} s"
+        if alarm:
+            if text != self.active_alarm:
+                self.alarm(message)
+            self.active_alarm = text
+        elif text != self.last_error:
+            log.warning("%s", message)
+        self.last_error = text
+
+    def _lost(self, text: str) -> None:
+        self.counters["aborted"] += 1
+        self._drop_peer()
+        self._fail("down", f"PACS {self.where}: {text}", 1)
+
+    def _note_error(self, text: str) -> None:
+        self.last_error = text
+
+    def _drop_peer(self) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            try:
+                peer.assoc.abort()
+            except Exception:  # noqa: BLE001 - it is gone either way
+                pass
+
+    def _release(self) -> None:
+        peer, self._peer = self._peer, None
+        if peer is not None:
+            try:
+                peer.assoc.release()
+            except Exception:  # noqa: BLE001
+                pass
