@@ -16,21 +16,21 @@ builder writes each report to a spool file that is sent as it is (no second enco
 """
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import socket
+import subprocess
+import sys
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable
 
 from edge_runtime.outbox import DeliveryOutcome, DeliveryRow, Outbox, OutboxError
+from edge_runtime.pacs.builder import build_report_file
 from edge_runtime.pacs.reference import DESTINATION
 
 log = logging.getLogger("edge_runtime.pacs")
@@ -40,6 +40,7 @@ EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 IDLE_RELEASE_S = 5.0  # an association with nothing to send is released after this long
 POLL_S = 0.25  # how often an idle worker looks for new deliveries
 REFUSED_SHOWN = 20
+BUILDER_START_S = 60.0  # spawning a builder and importing highdicom (~1 s; much more on a loaded board)
 
 
 def status_outcome(status: int) -> str:
@@ -62,37 +63,81 @@ def _status_text(status: int) -> str:
         return f"0x{status:04X}"
 
 
-# ------------------------------------------------------------------ report building (child process)
-def _init_builder(nice: int) -> None:
-    if nice:
+# ------------------------------------------------------------------ report building (child processes)
+class BuildFailed(Exception):
+    """This finding cannot make a report (ReportError in the builder): refuse the delivery."""
+
+
+class BuilderLost(Exception):
+    """The builder process died or stopped answering: the report is not at fault."""
+
+
+class _BuilderProcess:
+    """One `python -m edge_runtime.pacs.builder` process and the daemon's end of its socket."""
+
+    def __init__(self, nice: int) -> None:
+        from multiprocessing.connection import Connection
+
+        from edge_runtime.imaging.decode_worker import THREAD_ENV
+
+        ours, theirs = socket.socketpair()
         try:
-            os.nice(nice)
+            self.proc = subprocess.Popen([sys.executable, "-m", "edge_runtime.pacs.builder", str(theirs.fileno()),
+                                          str(nice)], stdin=subprocess.DEVNULL, env={**os.environ, **THREAD_ENV},
+                                         pass_fds=(theirs.fileno(),), close_fds=True)
+        finally:
+            theirs.close()
+        self.conn = Connection(ours.detach())
+        self.outstanding = 0
+        self.ready = False
+
+    def send(self, request: dict) -> None:
+        try:
+            self.conn.send_bytes(json.dumps(request).encode())
+        except OSError:
+            raise BuilderLost("the report builder process is gone") from None
+        self.outstanding += 1
+
+    def recv(self, timeout: float) -> dict:
+        try:
+            if not self.ready:  # its first message says highdicom is imported
+                if not self.conn.poll(BUILDER_START_S):
+                    raise BuilderLost(f"the report builder did not start in {BUILDER_START_S:.0f} s")
+                self.conn.recv_bytes()
+                self.ready = True
+            if not self.conn.poll(timeout):
+                raise BuilderLost(f"the report builder gave no answer in {timeout:.0f} s")
+            answer = json.loads(self.conn.recv_bytes())
+        except (EOFError, OSError, ValueError):
+            raise BuilderLost(f"the report builder process died (exit status {self.proc.poll()})") from None
+        self.outstanding -= 1
+        return answer
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
         except OSError:
             pass
-    importlib.import_module("edge_runtime.pacs.sr")  # highdicom's import (~0.4 s) before the first report
-
-
-def build_report_file(payload: str, local: dict[str, Any], path: str) -> str:
-    """Build the report of one delivery into `path` (atomically); returns its SOP Instance UID. Raises
-    ReportError when the finding cannot make a valid report."""
-    from edge_runtime.pacs.sr import build_sr
-
-    sr = build_sr(json.loads(payload), local)
-    tmp = f"{path}.tmp"
-    sr.save_as(tmp, enforce_file_format=True)
-    os.replace(tmp, path)
-    return str(sr.SOPInstanceUID)
+        try:
+            self.proc.wait(5)  # it ends when its socket closes
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 class ReportBuilder:
-    """Builds reports in `workers` niced processes (0: in the calling thread), ahead of the sender."""
+    """Builds reports ahead of the sender: in `workers` niced processes (round robin, answers in order per
+    process), or in the calling thread with workers = 0. Each report goes to a spool file named by its seq."""
 
     def __init__(self, spool_dir: Path, workers: int = 1, nice: int = 10) -> None:
         self.spool_dir = Path(spool_dir)
         self.workers = workers
         self.nice = nice
-        self._pool: ProcessPoolExecutor | None = None
         self.restarts = 0
+        self._procs: list[_BuilderProcess] = []
+        self._assigned: dict[int, _BuilderProcess] = {}
+        self._inline: dict[int, tuple[str, str]] = {}
+        self._next = 0
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.spool_dir.glob("*.dcm*"):  # a crash left them; every report can be built again
             stale.unlink(missing_ok=True)
@@ -100,29 +145,64 @@ class ReportBuilder:
     def path_for(self, row: DeliveryRow) -> Path:
         return self.spool_dir / f"{row.seq}.dcm"
 
-    def submit(self, row: DeliveryRow) -> Future:
+    def submit(self, row: DeliveryRow) -> None:
         path = str(self.path_for(row))
         if self.workers == 0:
-            fut: Future = Future()
             try:
-                fut.set_result(build_report_file(row.payload, row.local, path))
-            except Exception as exc:  # noqa: BLE001 - the sender reads it as this report's failure
-                fut.set_exception(exc)
-            return fut
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_init_builder, initargs=(self.nice,))
-        return self._pool.submit(build_report_file, row.payload, row.local, path)
+                self._inline[row.seq] = ("uid", build_report_file(row.payload, row.local, path))
+            except Exception as exc:  # noqa: BLE001 - ReportError or a bug: that report's failure only
+                self._inline[row.seq] = ("error", str(exc))
+            return
+        if not self._procs:
+            self._procs = [_BuilderProcess(self.nice) for _ in range(self.workers)]
+        proc = self._procs[self._next % len(self._procs)]
+        self._next += 1
+        proc.send({"seq": row.seq, "payload": row.payload, "local": row.local, "path": path})
+        self._assigned[row.seq] = proc
 
-    def broken(self) -> None:
-        """The pool died (a builder was killed): the next submit starts a fresh one."""
-        self.restarts += 1
+    def result(self, row: DeliveryRow, timeout: float) -> str:
+        """The report's SOP Instance UID once its file is written; BuildFailed or BuilderLost otherwise."""
+        if row.seq in self._inline:
+            kind, value = self._inline.pop(row.seq)
+            if kind == "error":
+                raise BuildFailed(value)
+            return value
+        proc = self._assigned.pop(row.seq)
+        try:
+            answer = proc.recv(timeout)
+        except BuilderLost:
+            self.reset()
+            raise
+        if answer.get("seq") != row.seq:  # cannot happen with in-order answers; never send the wrong file
+            self.reset()
+            raise BuilderLost(f"the report builder answered for seq {answer.get('seq')} instead of {row.seq}")
+        if "error" in answer:
+            raise BuildFailed(answer["error"])
+        return answer["uid"]
+
+    def discard(self, rows: list[DeliveryRow], timeout: float) -> None:
+        """Rows submitted but not sent (the association was lost): read their answers so the next batch's are
+        in step, and remove their files."""
+        for row in rows:
+            if row.seq in self._assigned or row.seq in self._inline:
+                try:
+                    self.result(row, timeout)
+                except (BuildFailed, BuilderLost):
+                    pass
+            self.path_for(row).unlink(missing_ok=True)
+
+    def reset(self) -> None:
+        """Stop every builder (one died or hung); the next submit starts fresh ones."""
+        if self._procs:
+            self.restarts += 1
         self.close()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+        for proc in self._procs:
+            if proc.outstanding:
+                proc.proc.kill()
+            proc.close()
+        self._procs, self._assigned, self._inline = [], {}, {}
 
 
 # ------------------------------------------------------------------ the worker
@@ -224,29 +304,28 @@ class PacsDelivery:
         return True
 
     def _send(self, peer: _Peer, rows: list[DeliveryRow]) -> None:
-        futures = [(row, self.builder.submit(row)) for row in rows]  # built ahead while earlier ones are sent
+        for row in rows:  # built ahead in the builder process while earlier ones are sent
+            self.builder.submit(row)
+        done = 0
         try:
-            for i, (row, fut) in enumerate(futures):
+            for row in rows:
                 if self._stop.is_set():
                     return
-                outcome = self._send_one(peer, row, fut)
-                if outcome is None:  # the association is gone: the rest stay pending, untouched
+                outcome = self._send_one(peer, row)
+                self.builder.path_for(row).unlink(missing_ok=True)
+                if outcome is None:  # the association is gone: this row and the rest stay pending, untouched
                     return
+                done += 1
                 self.outbox.mark_deliveries(DESTINATION, [outcome])
         finally:
-            for row, fut in futures:
-                fut.cancel()
-                self.builder.path_for(row).unlink(missing_ok=True)
+            self.builder.discard(rows[done:], self.cfg.timeout_s)
 
-    def _send_one(self, peer: _Peer, row: DeliveryRow, fut: Future) -> DeliveryOutcome | None:
+    def _send_one(self, peer: _Peer, row: DeliveryRow) -> DeliveryOutcome | None:
         try:
-            fut.result(timeout=max(60.0, self.cfg.timeout_s))
-        except BrokenProcessPool:
-            self.builder.broken()
-            return self._transient(row, None, "the report builder process died while building it")
-        except TimeoutError:  # a busy machine, not this report's fault
-            return self._transient(row, None, "building the report timed out")
-        except Exception as exc:  # noqa: BLE001 - ReportError, or a bug in building this finding
+            self.builder.result(row, max(60.0, self.cfg.timeout_s))
+        except BuilderLost as exc:  # the builder's fault, not the report's (unless it keeps happening on it)
+            return self._transient(row, None, str(exc))
+        except BuildFailed as exc:
             self.counters["build_errors"] += 1
             reason = f"cannot build the report: {exc}"
             log.error("PACS: finding %s refused locally: %s", row.finding_id, reason)
@@ -276,11 +355,10 @@ class PacsDelivery:
             elif status:
                 self.counters["warnings"] += 1
             return DeliveryOutcome(row.seq, "stored", status, "" if status == 0 else text)
-        if outcome == "transient" and row.attempts + 1 < self.cfg.max_attempts:
+        if outcome == "transient":
             return self._transient(row, status, f"{self.where} answered {text}")
         self.counters["refused"] += 1
-        reason = f"{self.where} refused it: {text}" + (
-            f" (after {row.attempts + 1} attempts)" if outcome == "transient" else "")
+        reason = f"{self.where} refused it: {text}"
         log.error("PACS: report for finding %s refused: %s; kept in the outbox, not retried", row.finding_id, reason)
         return DeliveryOutcome(row.seq, "refused", status, reason)
 
@@ -310,6 +388,14 @@ class PacsDelivery:
                 answer["rejection"] = (f"{primitive.result_str}, source {primitive.source_str}: "
                                        f"{primitive.reason_str}")
 
+        def on_open(event) -> None:
+            # Small DIMSE messages on a socket with Nagle's algorithm wait for delayed ACKs (~40 ms each):
+            # TCP_NODELAY takes a C-STORE to Orthanc from ~50 ms to ~10 ms.
+            try:
+                event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except (AttributeError, OSError):
+                pass
+
         try:
             tls = self._tls_args()
         except (OSError, ssl.SSLError) as exc:
@@ -317,7 +403,7 @@ class PacsDelivery:
             return None
         try:
             assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, tls_args=tls,
-                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+                                 evt_handlers=[(evt.EVT_ACSE_RECV, on_acse), (evt.EVT_CONN_OPEN, on_open)])
         except (OSError, ValueError, RuntimeError) as exc:
             self._fail("down", f"cannot reach the PACS {self.where}: {exc}", owed)
             return None

@@ -27,7 +27,6 @@ from highdicom.sr import (
     ObservationContext,
     ObserverContext,
     QualitativeEvaluation,
-    SourceImageForMeasurement,
     SourceImageForMeasurementGroup,
     TextContentItem,
     TrackingIdentifier,
@@ -60,6 +59,8 @@ PROCEDURES = {  # modality -> procedure reported
     "US": CodedConcept.from_code(codes.SCT.UltrasoundScanObstetric),
 }
 IMAGING_PROCEDURE = CodedConcept.from_code(codes.SCT.ImagingProcedure)
+PROBABILITY = CodedConcept.from_code(codes.DCM.Probability)
+NO_UNITS = CodedConcept.from_code(codes.UCUM.NoUnits)
 
 
 class ReportError(ValueError):
@@ -118,8 +119,9 @@ def _algorithm(model: dict) -> AlgorithmIdentification:
     name, version = model.get("name"), model.get("version")
     if not name or not version:
         raise ReportError("the finding names no model name and version")
-    params = [f"sha256={model.get('sha256', '')}", f"variant={model.get('variant', '')}",
-              f"precision={model.get('precision', '')}", f"engine={model.get('engine', '')}"]
+    # One parameter line each: the variant's sha256 identifies the exact weights; the rest says how it ran.
+    params = [f"sha256={model.get('sha256', '')}",
+              f"variant={model.get('variant', '')} ({model.get('precision', '')}, {model.get('engine', '')})"]
     return AlgorithmIdentification(name=name, version=str(version), parameters=params, manufacturer=MANUFACTURER)
 
 
@@ -141,11 +143,7 @@ def _classification(result: dict, ref: dict, algorithm) -> tuple[CodedConcept, l
     measurements = []
     p = probabilities.get(positive)
     if isinstance(p, (int, float)):
-        measurements.append(Measurement(CodedConcept.from_code(codes.DCM.Probability), float(p),
-                                        CodedConcept.from_code(codes.UCUM.NoUnits),
-                                        referenced_images=[SourceImageForMeasurement(
-                                            ref["sop_class_uid"], ref["sop_instance_uid"],
-                                            [int(ref["frame_number"])] if ref.get("frame_number") else None)]))
+        measurements.append(Measurement(PROBABILITY, float(p), NO_UNITS))
     return finding, measurements, evaluations
 
 
@@ -155,10 +153,7 @@ def _measurements(result: dict, ref: dict, algorithm) -> tuple[CodedConcept | No
         if value is None or name not in MEASUREMENT_CODES:
             continue  # no gestational age outside the formula's range; unknown measurements are not invented
         concept, unit = MEASUREMENT_CODES[name]
-        out.append(Measurement(concept, float(value), unit,
-                               referenced_images=[SourceImageForMeasurement(
-                                   ref["sop_class_uid"], ref["sop_instance_uid"],
-                                   [int(ref["frame_number"])] if ref.get("frame_number") else None)]))
+        out.append(Measurement(concept, float(value), unit))  # the group's source image is theirs
     finding = MEASUREMENT_CODES["head_circumference_mm"][0] if "head_circumference_mm" in (
         result.get("measurements") or {}) else None
     return finding, out, []
@@ -220,7 +215,6 @@ def build_sr(finding: dict[str, Any], ref: dict[str, Any]) -> Dataset:
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
             uid=derived_uid("device", device), name=device[:64], manufacturer_name=MANUFACTURER,
-            model_name=(finding.get("model") or {}).get("name", "")[:64] or None,
             physical_location=(finding.get("site") or "")[:64] or None))
     try:
         report = MeasurementReport(
