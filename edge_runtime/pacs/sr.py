@@ -245,6 +245,8 @@ def build_sr(finding: dict[str, Any], ref: dict[str, Any]) -> Dataset:
     sr.InstanceCreationDate, sr.InstanceCreationTime = stamp  # the finding's time, not the send's: same object
     sr.ContentDate, sr.ContentTime = stamp
     sr.SeriesDate, sr.SeriesTime = stamp
+    for equipment in sr.get("ContributingEquipmentSequence", []):  # highdicom stamps "now" here
+        equipment.ContributionDateTime = "".join(stamp)
     return sr
 
 
