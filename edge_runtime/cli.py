@@ -315,7 +315,7 @@ def _pacs_report(s: dict, counters: tuple[str, ...]) -> dict:
         "counters": {k: s[f"edge_pacs_{k}_total"][0][1] for k in counters if f"edge_pacs_{k}_total" in s},
         "refused_objects": [{"finding_id": labels.get("finding_id", ""), "status": int(v), "reason": labels.get("reason", "")}
                             for labels, v in s.get("edge_pacs_refused_info", [])],
-        "no_report": {labels.get("reason", ""): int(v) for labels, v in s.get("edge_pacs_skipped", [])},
+        "no_report": {labels["reason"]: int(v) for labels, v in s.get("edge_pacs_skipped", []) if labels.get("reason")},
     }
 
 

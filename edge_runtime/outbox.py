@@ -58,7 +58,8 @@ DELIVERED = SENT  # the name before receipts existed: a PUBACK
 STATE_NAMES = {PENDING: "pending", SENT: "sent", STORED: "stored"}
 SCHEMA_VERSION = 2
 REFUSED = 3  # deliveries only: the destination refused the object; kept with its status, not retried
-DELIVERY_STATE_NAMES = {PENDING: "pending", STORED: "stored", REFUSED: "refused"}
+NOT_OWED = 4  # deliveries only: the finding cannot go to this destination (the reason is kept: a PNG has no UIDs)
+DELIVERY_STATE_NAMES = {PENDING: "pending", STORED: "stored", REFUSED: "refused", NOT_OWED: "not owed"}
 DELIVERIES_SCHEMA = 1
 RESEND_BACKOFF_MAX = 5  # a row still without a receipt waits receipt_timeout * 2**resends, resends capped here
 EVICTED_LOG_ROWS = 100_000  # how many evicted findings are remembered by id (for audit and tests)
@@ -91,7 +92,7 @@ CREATE TABLE IF NOT EXISTS deliveries (         -- deliveries_schema 1: per-dest
     seq          INTEGER NOT NULL,             -- the finding's seq (the finding row may be pruned before this one)
     finding_id   TEXT NOT NULL,
     rank         INTEGER NOT NULL,
-    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 2 stored (the destination has it), 3 refused
+    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 2 stored (the destination has it), 3 refused, 4 not owed
     payload      TEXT NOT NULL,                -- the finding JSON ('' once stored)
     local        TEXT NOT NULL,                -- destination-only JSON, never published ('' once stored)
     attempts     INTEGER NOT NULL DEFAULT 0,   -- tries that ended without the destination having it
@@ -308,7 +309,8 @@ class Outbox:
         """Store one finding durably; returns its seq. The dict gets its `seq` (and a `finding_id` if it had
         none) once committed. If `source_item` was committed before, returns that seq and stores nothing.
         `deliveries` {destination: local data} owes the finding to those destinations too, in the same
-        transaction (the local data is stored for that destination only, never published)."""
+        transaction (the local data is stored for that destination only, never published); a str instead of
+        the data records why the finding is not owed to that destination (counted and shown, never sent)."""
         return self.commit_many([(finding, source_item, deliveries) if deliveries else (finding, source_item)])[0]
 
     def commit_many(self, items: Sequence[tuple]) -> list[int]:
@@ -426,6 +428,11 @@ class Outbox:
             meta[f"pending_rows_{rank}"] += 1
             meta[f"pending_bytes_{rank}"] += size
             for destination, local in (deliveries or {}).items():
+                if isinstance(local, str):  # not owed, and why
+                    conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, state, payload, local, "
+                                 "detail, created_at, done_at) VALUES (?,?,?,?,?,'','',?,?,?)",
+                                 (destination, seq, finding_id, rank, NOT_OWED, local[:500], now, now))
+                    continue
                 conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, payload, local, created_at) "
                              "VALUES (?,?,?,?,?,?,?)", (destination, seq, finding_id, rank, payload,
                                                          json.dumps(local, separators=(",", ":"), allow_nan=False),
@@ -866,8 +873,14 @@ class Outbox:
         return [{"finding_id": fid, "seq": seq, "status": status, "reason": detail, "at": at, "attempts": attempts}
                 for fid, seq, status, detail, at, attempts in rows]
 
+    def not_owed_reasons(self, destination: str, limit: int = 10) -> dict[str, int]:
+        """Why findings were not owed to `destination`: reason -> how many (the most frequent reasons)."""
+        with self._read_lock:
+            return dict(self._r.execute("SELECT detail, COUNT(*) AS n FROM deliveries WHERE destination = ? AND "
+                                        "state = 4 GROUP BY detail ORDER BY n DESC LIMIT ?", (destination, limit)))
+
     def delivery_states(self, destination: str) -> dict[str, str]:
-        """finding_id -> 'pending' | 'stored' | 'refused' for `destination` (tests and audits)."""
+        """finding_id -> 'pending' | 'stored' | 'refused' | 'not owed' for `destination` (tests and audits)."""
         with self._read_lock:
             return {fid: DELIVERY_STATE_NAMES[st] for fid, st in self._r.execute(
                 "SELECT finding_id, state FROM deliveries WHERE destination = ?", (destination,))}

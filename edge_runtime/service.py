@@ -49,7 +49,7 @@ UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "conn
                    "half_open", "net_events")
 PACS_COUNTERS = ("sent", "stored", "duplicates", "warnings", "refused", "transient", "associations", "rejected",
                  "connect_failures", "aborted", "build_errors")
-PACS_GAUGES = ("up", "outbox_pending", "outbox_stored", "outbox_refused", "outbox_oldest_pending_s", "skipped")
+PACS_GAUGES = ("up", "outbox_pending", "outbox_stored", "outbox_refused", "outbox_oldest_pending_s")
 LATENCY_WINDOW = 1000  # findings per model behind the exact percentiles `status` shows
 WINDOW_QUANTILES = (0.5, 0.95, 0.99, 1.0)
 FIRST_OPEN_WAIT_S = 5.0  # readiness waits this long for live sources' first open, to report what is up
@@ -331,7 +331,7 @@ class Service:
                         lambda: [((r["finding_id"], r["reason"]), float(r["status"] if r["status"] is not None else -1))
                                  for r in pacs.refused()])
         m.watch_labeled("edge_pacs_skipped", "Study findings that got no PACS report, by reason", ["reason"],
-                        lambda: [((reason,), float(n)) for reason, n in list(pacs.skipped.items())])
+                        lambda: [((reason,), float(n)) for reason, n in pacs.not_owed().items()])
         pacs.start()
         return pacs
 
@@ -343,12 +343,11 @@ class Service:
         from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
 
         reason = no_report_reason(inp.meta, inp.n_frames)
-        if reason is not None:
-            self.pacs.note_skipped(reason)
+        if reason is not None:  # kept with the finding (durable, shown in status), not only logged
             if index == 0:
                 log.info("%s: %s gets no PACS report: %s", src.name, name, reason,
                          extra={"source": src.name, "input": name, "reason": reason})
-            return None
+            return {DESTINATION: reason}
         positive = manifest.decision.positive_label if manifest.decision else ""
         return {DESTINATION: source_reference(inp.meta, frame_index=index, n_frames=inp.n_frames,
                                               positive_label=positive)}

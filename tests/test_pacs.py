@@ -216,6 +216,15 @@ def test_deliveries_are_committed_with_the_finding_and_independent_of_mqtt(tmp_p
     box.close()
 
 
+def test_a_finding_not_owed_to_the_pacs_keeps_the_reason(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    f = finding()
+    box.commit(f, None, deliveries={DESTINATION: NO_DICOM})
+    assert box.due_deliveries(DESTINATION, 10) == [] and box.delivery_states(DESTINATION) == {f["finding_id"]: "not owed"}
+    assert box.not_owed_reasons(DESTINATION) == {NO_DICOM: 1} and box.delivery_stats(DESTINATION)["pending"] == 0
+    box.close()
+
+
 def test_retry_waits_for_its_time_and_refused_is_kept_with_its_status(tmp_path):
     now = [1000.0]
     box = Outbox(tmp_path / "o.sqlite", clock=lambda: now[0])

@@ -28,7 +28,10 @@ def build_report_file(payload: str, local: dict, path: str) -> str:
 def serve(conn: Connection) -> None:
     from edge_runtime.pacs.sr import ReportError
 
-    conn.send_bytes(b'{"ready": true}')
+    try:
+        conn.send_bytes(b'{"ready": true}')
+    except OSError:
+        return
     while True:
         try:
             request = json.loads(conn.recv_bytes())
@@ -41,7 +44,10 @@ def serve(conn: Connection) -> None:
             answer["error"] = str(exc)
         except Exception as exc:  # noqa: BLE001 - a finding that breaks highdicom: that report's error only
             answer["error"] = f"{type(exc).__name__}: {exc}"
-        conn.send_bytes(json.dumps(answer).encode())
+        try:
+            conn.send_bytes(json.dumps(answer).encode())
+        except OSError:
+            return  # the daemon is gone (killed): nobody to answer
 
 
 def main() -> None:

@@ -232,7 +232,6 @@ class PacsDelivery:
         self.active_alarm = ""  # the alarm in force (cleared once an association is established)
         self.counters = {"sent": 0, "stored": 0, "duplicates": 0, "warnings": 0, "refused": 0, "transient": 0,
                          "associations": 0, "rejected": 0, "connect_failures": 0, "aborted": 0, "build_errors": 0}
-        self.skipped: dict[str, int] = {}  # findings that get no report, by reason (counted by the service)
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -251,9 +250,6 @@ class PacsDelivery:
     def alive(self) -> bool:
         return self._thread is None or self._thread.is_alive()
 
-    def note_skipped(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
     def stats(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.counters)
         try:
@@ -261,8 +257,15 @@ class PacsDelivery:
         except OutboxError:
             pass
         out.update(up=1 if self.state == "up" else 0, state=self.state, last_error=self.last_error,
-                   skipped=sum(self.skipped.values()), builder_restarts=self.builder.restarts)
+                   builder_restarts=self.builder.restarts)
         return out
+
+    def not_owed(self) -> dict[str, int]:
+        """Findings that got no report, by reason (a PNG has no DICOM identifiers)."""
+        try:
+            return self.outbox.not_owed_reasons(DESTINATION)
+        except OutboxError:
+            return {}
 
     def refused(self) -> list[dict[str, Any]]:
         try:
@@ -389,6 +392,7 @@ class PacsDelivery:
                                        f"{primitive.reason_str}")
 
         def on_open(event) -> None:
+            answer["connected"] = True
             # Small DIMSE messages on a socket with Nagle's algorithm wait for delayed ACKs (~40 ms each):
             # TCP_NODELAY takes a C-STORE to Orthanc from ~50 ms to ~10 ms.
             try:
@@ -431,7 +435,7 @@ class PacsDelivery:
             self._fail("rejected", f"PACS {self.where} rejected the association from calling AE {cfg.calling_ae} "
                                    f"(called AE {cfg.called_ae}): {why}; check pacs.called_ae and pacs.calling_ae "
                                    "against the PACS's configuration", owed, alarm=True)
-        elif assoc.is_aborted:
+        elif assoc.is_aborted and answer.get("connected"):
             self.counters["aborted"] += 1
             self._fail("down", f"PACS {self.where} aborted the association (TLS mismatch, or it refuses calling "
                                f"AE {cfg.calling_ae})", owed, alarm=cfg.tls)
