@@ -138,7 +138,9 @@ class PacsSection:
     retry_max_s: float = 300.0
     max_attempts: int = 5  # a transient failure status (out of resources) this many times: refused
     batch: int = 32  # reports sent per association before the queue is read again
-    build_workers: int = 1  # processes that build reports (niced: the live pipeline keeps its CPU); 0 = in-thread
+    # Processes that build reports (niced: the live pipeline keeps its CPU; started when reports are owed, ended
+    # after a minute with none); 2 reach 50 reports/s on two cores (BENCHMARKS.md); 0 = in the sending thread.
+    build_workers: int = 2
     build_nice: int = 10
 
 

@@ -404,7 +404,9 @@ class Service:
             progress.busy_since = 0.0  # reads as stalled: the watchdog stops, systemd restarts us
 
     def _commit(self, finding: dict, source_item: str | None, deliveries: dict | None = None) -> int | None:
-        return self.outbox.commit(finding, source_item=source_item, deliveries=deliveries)
+        if deliveries:  # owed to other destinations too (the PACS), in the same transaction
+            return self.outbox.commit(finding, source_item=source_item, deliveries=deliveries)
+        return self.outbox.commit(finding, source_item=source_item)
 
     def _live_worker(self, src: SourceSection, source, slot: LatestSlot, runner: ModelRunner, progress: Progress) -> None:
         from edge_runtime.outbox import OutboxError, OutboxFull

@@ -38,6 +38,7 @@ log = logging.getLogger("edge_runtime.pacs")
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 EXPLICIT_LE, IMPLICIT_LE = "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"
 IDLE_RELEASE_S = 5.0  # an association with nothing to send is released after this long
+BUILDER_IDLE_S = 60.0  # builder processes with nothing to build end after this long (their memory comes back)
 POLL_S = 0.25  # how often an idle worker looks for new deliveries
 REFUSED_SHOWN = 20
 BUILDER_START_S = 60.0  # spawning a builder and importing highdicom (~1 s; much more on a loaded board)
@@ -227,6 +228,7 @@ class PacsDelivery:
         self._peer: _Peer | None = None
         self._backoff = cfg.retry_min_s
         self._retry_at = 0.0
+        self._last_work = time.monotonic()
         self.state = "idle"  # idle | up | down | rejected
         self.last_error = ""
         self.active_alarm = ""  # the alarm in force (cleared once an association is established)
@@ -295,8 +297,11 @@ class PacsDelivery:
             return False
         rows = self.outbox.due_deliveries(DESTINATION, self.cfg.batch, now)
         if not rows:
-            if self._peer is not None and time.monotonic() - self._peer.used_at > IDLE_RELEASE_S:
+            idle = time.monotonic() - self._last_work
+            if self._peer is not None and idle > IDLE_RELEASE_S:
                 self._release()
+            if idle > BUILDER_IDLE_S:
+                self.builder.close()
             if self.state == "up" and self._peer is None:
                 self.state = "idle"
             return False
@@ -304,6 +309,7 @@ class PacsDelivery:
         if peer is None:
             return False
         self._send(peer, rows)
+        self._last_work = time.monotonic()
         return True
 
     def _send(self, peer: _Peer, rows: list[DeliveryRow]) -> None:
