@@ -283,6 +283,7 @@ def orthanc(tmp_path_factory):
 
 
 def pacs_config(port: int, called: str = "PACS", **kw) -> PacsSection:
+    kw.setdefault("build_workers", 1)  # one builder process starts faster; the daemon test runs the default two
     return PacsSection(host="127.0.0.1", port=port, called_ae=called, calling_ae="EDGE", retry_min_s=0.2,
                        retry_max_s=1.0, timeout_s=10.0, **kw)
 
@@ -467,3 +468,40 @@ def test_a_finding_that_cannot_make_a_report_is_refused_locally_and_the_rest_go(
     assert len(received) == 2 and worker.refused()[0]["finding_id"] == bad["finding_id"]
     assert "cannot build the report" in worker.refused()[0]["reason"] and worker.refused()[0]["status"] is None
     box.close()
+
+
+@needs_shared
+@needs_orthanc
+def test_dicom_tls_with_a_client_certificate_delivers_and_without_one_is_an_alarm(tmp_path):
+    from mqtt_helpers import make_pki
+
+    pki = make_pki(tmp_path / "pki")
+    server = Orthanc(tmp_path / "orthanc", extra={
+        "DicomTlsEnabled": True, "DicomTlsCertificate": str(pki["server_cert"]),
+        "DicomTlsPrivateKey": str(pki["server_key"]), "DicomTlsTrustedCertificates": str(pki["ca"]),
+        "DicomTlsRemoteCertificateRequired": True}).start()
+    try:
+        box = Outbox(tmp_path / "o.sqlite")
+        [fid] = fill(box, reference(CR), 1)
+        alarms: list[str] = []
+        bare = PacsDelivery(box, pacs_config(server.dicom_port, tls=True, ca_file=str(pki["ca"])),
+                            tmp_path / "spool", alarm=alarms.append)
+        bare.start()
+        try:
+            wait_until(lambda: alarms, 60, what="an alarm without a client certificate")
+        finally:
+            bare.stop()
+        assert "TLS handshake" in alarms[0] and "pacs.cert_file" in alarms[0]
+        assert box.delivery_stats(DESTINATION)["pending"] == 1 and server.find_instance(sop_instance_uid(fid)) is None
+        worker = PacsDelivery(box, pacs_config(server.dicom_port, tls=True, ca_file=str(pki["ca"]),
+                                               cert_file=str(pki["client_cert"]), key_file=str(pki["client_key"])),
+                              tmp_path / "spool")
+        worker.start()
+        try:
+            wait_until(lambda: box.delivery_stats(DESTINATION)["stored"] == 1, 60, what="stored over TLS")
+        finally:
+            worker.stop()
+        assert server.find_instance(sop_instance_uid(fid)) is not None
+        box.close()
+    finally:
+        server.stop()

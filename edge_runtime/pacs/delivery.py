@@ -445,9 +445,19 @@ class PacsDelivery:
             self.counters["aborted"] += 1
             self._fail("down", f"PACS {self.where} aborted the association (TLS mismatch, or it refuses calling "
                                f"AE {cfg.calling_ae})", owed, alarm=cfg.tls)
+        elif cfg.tls and self._port_open():  # TCP is fine, so the TLS handshake failed: a configuration problem
+            self._fail("rejected", f"TLS handshake with the PACS {self.where} failed (check pacs.ca_file, and "
+                                   "pacs.cert_file/key_file if it requires a client certificate)", owed, alarm=True)
         else:
             self._fail("down", f"cannot reach the PACS {self.where} (connection refused or timed out)", owed)
         return None
+
+    def _port_open(self) -> bool:
+        try:
+            with socket.create_connection((self.cfg.host, self.cfg.port), timeout=min(5.0, self.cfg.timeout_s)):
+                return True
+        except OSError:
+            return False
 
     def _tls_args(self):
         cfg = self.cfg
