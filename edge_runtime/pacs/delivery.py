@@ -443,8 +443,10 @@ class PacsDelivery:
                                    "against the PACS's configuration", owed, alarm=True)
         elif assoc.is_aborted and answer.get("connected"):
             self.counters["aborted"] += 1
-            self._fail("down", f"PACS {self.where} aborted the association (TLS mismatch, or it refuses calling "
-                               f"AE {cfg.calling_ae})", owed, alarm=cfg.tls)
+            why = ("over TLS: a client certificate it does not accept (check pacs.cert_file/key_file), "
+                   f"or it refuses calling AE {cfg.calling_ae}") if cfg.tls else f"it may refuse calling AE {cfg.calling_ae}"
+            self._fail("rejected" if cfg.tls else "down", f"PACS {self.where} aborted the association ({why})", owed,
+                       alarm=cfg.tls)
         elif cfg.tls and self._port_open():  # TCP is fine, so the TLS handshake failed: a configuration problem
             self._fail("rejected", f"TLS handshake with the PACS {self.where} failed (check pacs.ca_file, and "
                                    "pacs.cert_file/key_file if it requires a client certificate)", owed, alarm=True)
