@@ -505,3 +505,35 @@ def test_dicom_tls_with_a_client_certificate_delivers_and_without_one_is_an_alar
         box.close()
     finally:
         server.stop()
+
+
+@needs_orthanc
+def test_check_names_a_wrong_called_ae_and_passes_the_right_one(tmp_path, orthanc):
+    import dataclasses
+
+    from edge_runtime.check import pacs_problems
+    from edge_runtime.config import Config
+
+    good = Config(pacs=pacs_config(orthanc.dicom_port))
+    assert pacs_problems(good) == []
+    [problem] = pacs_problems(dataclasses.replace(good, pacs=pacs_config(orthanc.dicom_port, called="WRONGAE")))
+    assert problem.key == "pacs.called_ae" and "Called AE title not recognised" in problem.problem
+    [problem] = pacs_problems(dataclasses.replace(good, pacs=pacs_config(free_port())))
+    assert problem.key == "pacs.host" and "cannot" in problem.problem
+
+
+def test_status_shows_the_pacs_line_refusals_and_reasons():
+    from edge_runtime.cli import render_status
+
+    report = {"uptime_s": 5, "outbox_pending": {}, "link_up": False, "uplink": {}, "sources": {}, "models": {},
+              "ready": True, "outbox": {}, "pacs": {
+                  "pacs": "PACS@10.0.0.5:104", "calling_ae": "SCANNER1", "state": "rejected",
+                  "reason": "PACS@10.0.0.5:104 rejected the association", "up": False, "pending": 3, "stored": 7,
+                  "refused": 1, "oldest_pending_s": 125.0, "counters": {},
+                  "refused_objects": [{"finding_id": "f-1", "status": 0xA900, "reason": "does not match"}],
+                  "no_report": {NO_DICOM: 2}}}
+    text = "\n".join(render_status(report))
+    assert "pacs PACS@10.0.0.5:104 (calling AE SCANNER1): rejected (PACS@10.0.0.5:104 rejected" in text
+    assert "reports pending 3, stored 7, refused 1, oldest pending 2m05s" in text
+    assert "refused: finding f-1 (0xA900): does not match" in text and f"no report for 2 finding(s): {NO_DICOM}" in text
+    assert "pacs" not in "\n".join(render_status({**report, "pacs": {}}))

@@ -206,6 +206,54 @@ class ReportBuilder:
         self._procs, self._assigned, self._inline = [], {}, {}
 
 
+def tls_args(cfg):
+    """pynetdicom's (SSLContext, server_hostname) for a [pacs] with tls, else None."""
+    if not cfg.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
+    if cfg.cert_file:
+        context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
+    return context, cfg.host
+
+
+def probe(cfg, timeout_s: float = 5.0) -> str:
+    """'' when the PACS accepts an association from calling_ae for Comprehensive SR Storage and answers a C-ECHO;
+    otherwise what is wrong (for `edge-runtime check`)."""
+    from pynetdicom import AE, evt
+
+    where = f"{cfg.called_ae}@{cfg.host}:{cfg.port}"
+    ae = AE(ae_title=cfg.calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout_s
+    ae.add_requested_context(COMPREHENSIVE_SR, [EXPLICIT_LE, IMPLICIT_LE])
+    ae.add_requested_context("1.2.840.10008.1.1")  # Verification
+    answer: dict[str, str] = {}
+
+    def on_acse(event) -> None:
+        p = event.primitive
+        if getattr(p, "result", None) in (1, 2):
+            answer["why"] = f"{p.result_str}, source {p.source_str}: {p.reason_str}"
+
+    tls = tls_args(cfg)  # unloadable TLS files raise: the caller names the key
+    try:
+        assoc = ae.associate(cfg.host, cfg.port, ae_title=cfg.called_ae, tls_args=tls,
+                             evt_handlers=[(evt.EVT_ACSE_RECV, on_acse)])
+    except (OSError, ssl.SSLError, ValueError, RuntimeError) as exc:
+        return f"cannot reach the PACS {where}: {exc}"
+    if assoc.is_rejected:
+        return (f"the PACS {where} rejects calling AE {cfg.calling_ae}: {answer.get('why', 'no reason given')}")
+    if not assoc.is_established:
+        return f"cannot associate with the PACS {where} (connection refused, timed out or aborted)"
+    try:
+        if not any(c.abstract_syntax == COMPREHENSIVE_SR for c in assoc.accepted_contexts):
+            return f"the PACS {where} accepts no Comprehensive SR Storage from {cfg.calling_ae}"
+        status = assoc.send_c_echo()
+        if not status or int(status.get("Status", 0xFFFF)) != 0:
+            return f"the PACS {where} did not answer a C-ECHO"
+        return ""
+    finally:
+        assoc.release()
+
+
 # ------------------------------------------------------------------ the worker
 @dataclass
 class _Peer:
@@ -462,13 +510,7 @@ class PacsDelivery:
             return False
 
     def _tls_args(self):
-        cfg = self.cfg
-        if not cfg.tls:
-            return None
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=cfg.ca_file or None)
-        if cfg.cert_file:
-            context.load_cert_chain(cfg.cert_file, cfg.key_file or None)
-        return context, cfg.host
+        return tls_args(self.cfg)
 
     def _fail(self, state: str, text: str, owed: int, alarm: bool = False) -> None:
         if state != "rejected":
