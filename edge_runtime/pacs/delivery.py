@@ -294,6 +294,10 @@ class PacsDelivery:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():  # stuck in a C-STORE: leave it (a daemon thread) rather than race it
+                log.warning("PACS delivery did not stop within %.0f s; an unmarked report is sent again next time",
+                            timeout)
+                return
         self._release()
         self.builder.close()
 
@@ -306,7 +310,8 @@ class PacsDelivery:
             out.update({f"outbox_{k}": v for k, v in self.outbox.delivery_stats(DESTINATION).items()})
         except OutboxError:
             pass
-        out.update(up=1 if self.state == "up" else 0, state=self.state, last_error=self.last_error,
+        # up: not failing (an association is open, or none is needed now); down/rejected: reports wait
+        out.update(up=1 if self.state in ("up", "idle") else 0, state=self.state, last_error=self.last_error,
                    builder_restarts=self.builder.restarts)
         return out
 
