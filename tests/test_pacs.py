@@ -46,6 +46,9 @@ def finding(kind: str = "pneumonia", **result) -> dict:
         base.update(task="segmentation", model={**MODEL, "name": "fetal-head"}, priority="routine")
         base["result"] = {"assessed": True, "detected": True, "quality": 0.95,
                           "measurements": {"head_circumference_mm": 171.4, "gestational_age_weeks": 19.6}, **result}
+    elif kind == "no-head":  # assessed, but nothing to measure
+        base.update(task="segmentation", model={**MODEL, "name": "fetal-head"}, priority="routine")
+        base["result"] = {"assessed": True, "detected": False, "note": "no head found in the image"}
     elif kind == "not-assessed":
         base["result"] = {"assessed": False, "reason": "BodyPartExamined HIP is outside the model's scope (CHEST)"}
         base["priority"] = "routine"
@@ -124,6 +127,9 @@ def test_a_fetal_head_report_gives_hc_in_mm_and_ga_in_weeks():
     items = content(build_sr(f, reference(US, positive="")))
     assert ("Head Circumference", "80.0 mm") in items  # outside the formula's range: no age, never a made-up one
     assert not any(name == "Gestational Age" for name, _ in items)
+    items = content(build_sr(finding("no-head"), reference(US, positive="")))
+    assert ("Comment", "no head found in the image") in items
+    assert not any(name == "Head Circumference" for name, _ in items)  # nothing measured, nothing reported as such
 
 
 @needs_shared
@@ -144,9 +150,10 @@ def test_a_resend_is_the_same_object_byte_for_byte(tmp_path):
 
 @needs_shared
 @needs_validators
-@pytest.mark.parametrize("kind,path", [("pneumonia", CR), ("normal", CR), ("fetal-head", US), ("not-assessed", CR)])
+@pytest.mark.parametrize("kind,path", [("pneumonia", CR), ("normal", CR), ("fetal-head", US), ("no-head", US),
+                                       ("not-assessed", CR)])
 def test_every_report_kind_passes_dciodvfy_and_dsrdump(tmp_path, kind, path):
-    sr = build_sr(finding(kind), reference(path, positive="" if kind == "fetal-head" else "pneumonia"))
+    sr = build_sr(finding(kind), reference(path, positive="" if path == US else "pneumonia"))
     sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
     errors, dump = validate(tmp_path / "sr.dcm")
     assert errors == []
