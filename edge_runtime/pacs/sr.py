@@ -122,7 +122,8 @@ def _algorithm(model: dict) -> AlgorithmIdentification:
     # One parameter line each: the variant's sha256 identifies the exact weights; the rest says how it ran.
     params = [f"sha256={model.get('sha256', '')}",
               f"variant={model.get('variant', '')} ({model.get('precision', '')}, {model.get('engine', '')})"]
-    return AlgorithmIdentification(name=name, version=str(version), parameters=params, manufacturer=MANUFACTURER)
+    # No Algorithm Manufacturer item: the object's Manufacturer (0008,0070) says it, and each item costs build time.
+    return AlgorithmIdentification(name=name, version=str(version), parameters=params)
 
 
 def _source_images(ref: dict) -> list[SourceImageForMeasurementGroup]:
@@ -214,7 +215,7 @@ def build_sr(finding: dict[str, Any], ref: dict[str, Any]) -> Dataset:
     observer = ObserverContext(
         observer_type=codes.DCM.Device,
         observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=derived_uid("device", device), name=device[:64], manufacturer_name=MANUFACTURER,
+            uid=derived_uid("device", device), name=device[:64],
             physical_location=(finding.get("site") or "")[:64] or None))
     try:
         report = MeasurementReport(
