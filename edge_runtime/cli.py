@@ -490,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
 
     add_collect_parser(sub)
+    from edge_runtime.pacs.commands import add_parser as add_pacs_parser  # `pacs refused|requeue`
+
+    add_pacs_parser(sub)
     for command in sub.choices.values():  # options go before or after the subcommand: `run --config F`
         add_common_options(command, top=False)
     return parser

@@ -544,3 +544,30 @@ def test_status_shows_the_pacs_line_refusals_and_reasons():
     assert "reports pending 3, stored 7, refused 1, oldest pending 2m05s" in text
     assert "refused: finding f-1 (0xA900): does not match" in text and f"no report for 2 finding(s): {NO_DICOM}" in text
     assert "pacs" not in "\n".join(render_status({**report, "pacs": {}}))
+
+
+def test_the_pacs_command_lists_refused_reports_and_requeues_them(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    (tmp_path / "edge.toml").write_text(f'[device]\nstate_dir = "{tmp_path / "state"}"\n')
+    box = Outbox(tmp_path / "state" / "outbox.sqlite")
+    f = finding()
+    seq = box.commit(f, None, deliveries={DESTINATION: {}})
+    box.mark_deliveries(DESTINATION, [DeliveryOutcome(seq, "refused", 0xA900, "PACS refused it: 0xA900")])
+    box.close()
+
+    def cli(*args):
+        out = subprocess.run([sys.executable, "-m", "edge_runtime", "--config", str(tmp_path / "edge.toml"), "pacs",
+                              *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert f["finding_id"] in cli("refused") and "0xA900" in cli("refused")
+    assert json.loads(cli("refused", "--json"))[0]["status"] == 0xA900
+    assert cli("requeue", "--finding", "someone-else").startswith("0 refused")
+    assert cli("requeue").startswith("1 refused") and "no refused reports" in cli("refused")
+    with Outbox(tmp_path / "state" / "outbox.sqlite") as box:
+        assert box.delivery_states(DESTINATION) == {f["finding_id"]: "pending"}

@@ -8,7 +8,7 @@ association costs nothing: the reports wait in the outbox and the association is
 (retry_min_s .. retry_max_s); a rejection is an alarm naming the AE titles and the reason. A failure status on
 one object is its own: out of resources is retried (max_attempts), anything else refuses the object, which is
 kept in the outbox with the status, counted and listed in `status`, and not tried again until an operator
-requeues it.
+requeues it (`edge-runtime pacs requeue`).
 
 Reports are built in a separate, niced process (`build_workers`): highdicom takes ~15-20 ms a report, and a
 backlog of a thousand after a PACS outage must neither take the live pipeline's CPU nor hold its GIL. The
