@@ -126,3 +126,28 @@ def test_each_radiograph_gets_one_valid_sr_in_its_study_through_kill_9_and_a_pac
         (tmp_path / "sr.dcm").write_bytes(pacs.file(srs[0]))
         assert validate(tmp_path / "sr.dcm")[0] == []
     pacs.stop()
+
+
+@needs_shared
+@needs_orthanc
+def test_a_pacs_that_rejects_our_ae_title_is_an_alarm_in_status_and_telemetry(tmp_path):
+    from edge_runtime.config import load_config
+    from edge_runtime.service import Service
+
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    inbox = tmp_path / "inbox"
+    config = write_config(tmp_path, inbox, pacs.dicom_port, 0)
+    config.write_text(config.read_text().replace('called_ae = "PACS"', 'called_ae = "NOTPACS"'))
+    service = Service(load_config(config))
+    try:
+        service.start()
+        radiographs(inbox, 1)
+        alarm = wait_until(lambda: [a for a in service.current_alarms() if a["kind"] == "pacs"], 90,
+                           what="a PACS alarm")[0]
+        assert "NOTPACS" in alarm["reason"] and "SCANNER1" in alarm["reason"] and "rejected" in alarm["reason"]
+        assert any("NOTPACS" in text for text in service.alarms)  # logged as an ALARM once
+        assert service.pacs.stats()["outbox_pending"] == 1  # nothing lost: the report waits
+        service.supervise_once()  # the source alarms still work beside it
+    finally:
+        service.stop()
+        pacs.stop()
