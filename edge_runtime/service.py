@@ -194,10 +194,10 @@ class Service:
         if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
             self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
             self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
+        self.pacs = self._start_pacs()  # before the sources: a study in the inbox at start is owed a report too
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
-        self.pacs = self._start_pacs()
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
         for source in self.live_sources:  # "ready" must say whether the probe is really there
             source.first_attempt.wait(max(0.0, deadline - time.monotonic()))
@@ -338,7 +338,7 @@ class Service:
     def _pacs_deliveries(self, src: SourceSection, name: str, inp, index: int, manifest) -> dict | None:
         """What the PACS destination needs of this study finding ({'pacs': source reference}), or None: no PACS,
         or an input that cannot have a report (a PNG has no DICOM identifiers), counted by reason for `status`."""
-        if self.pacs is None:
+        if not self.config.pacs.host:
             return None
         from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
 
