@@ -305,7 +305,7 @@ class Outbox:
 
     # ------------------------------------------------------------ commit
     def commit(self, finding: dict[str, Any], source_item: str | None = None,
-               deliveries: dict[str, dict[str, Any]] | None = None) -> int:
+               deliveries: dict[str, dict[str, Any] | str] | None = None) -> int:
         """Store one finding durably; returns its seq. The dict gets its `seq` (and a `finding_id` if it had
         none) once committed. If `source_item` was committed before, returns that seq and stores nothing.
         `deliveries` {destination: local data} owes the finding to those destinations too, in the same
