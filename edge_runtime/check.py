@@ -288,6 +288,28 @@ def broker_problems(config: Config) -> list[Problem]:
     return out
 
 
+def pacs_problems(config: Config) -> list[Problem]:
+    """[pacs]: the TLS files load, and the PACS accepts our AE title for SR storage and answers a C-ECHO."""
+    p = config.pacs
+    if not p.host:
+        return []
+    from edge_runtime.pacs.delivery import probe
+
+    where = _where(config)
+    try:
+        problem = probe(p, BROKER_TIMEOUT_S)
+    except (ssl.SSLError, OSError) as exc:
+        return [Problem(where, "pacs.cert_file" if p.cert_file else "pacs.ca_file", f"TLS files do not load ({exc})",
+                        "use the PEM files issued for this device")]
+    if not problem:
+        return []
+    key = "pacs.calling_ae" if "rejects" in problem or "accepts no" in problem else "pacs.host"
+    if "Called AE" in problem:
+        key = "pacs.called_ae"
+    return [Problem(where, key, problem, "register this device's AE title, host and port on the PACS and enable "
+                                         "Comprehensive SR Storage there (reports wait in the outbox meanwhile)")]
+
+
 def _from_config_error(exc: ConfigError, default_key: str) -> Problem:
     found = re.search(r"key '([^']+)'", exc.reason)
     return Problem(exc.subject, found.group(1) if found else default_key, exc.reason, "correct the value as the "
@@ -347,6 +369,7 @@ def run_all(config: Config, registry: ModelRegistry) -> tuple[list[Problem], lis
     found, notes = source_problems(config, pid)
     problems += found
     problems += broker_problems(config)
+    problems += pacs_problems(config)
     found, more = service_problems(config, pid)
     if pid:
         more.insert(0, Note("device.state_dir", f"a daemon is running on this state directory (pid {pid})"))

@@ -220,7 +220,7 @@ def cmd_check(args: argparse.Namespace, config: Config | None) -> int:
 
 
 def status_report(url: str) -> dict:
-    from edge_runtime.service import OUTBOX_COUNTERS, UPLINK_COUNTERS
+    from edge_runtime.service import OUTBOX_COUNTERS, PACS_COUNTERS, UPLINK_COUNTERS
     from edge_runtime.telemetry import histogram_quantile, scrape
 
     s = scrape(url)
@@ -299,6 +299,25 @@ def status_report(url: str) -> dict:
                         "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0),
                         "errors": errors.get(n, 0.0), "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
+        "pacs": _pacs_report(s, PACS_COUNTERS),
+    }
+
+
+def _pacs_report(s: dict, counters: tuple[str, ...]) -> dict:
+    """The PACS delivery state from the daemon's edge_pacs_* series ({} when no [pacs] is configured)."""
+    if "edge_pacs_up" not in s:
+        return {}
+    info = s.get("edge_pacs_info", [({}, 0)])[0][0]
+    value = lambda name: s.get(name, [({}, 0)])[0][1]  # noqa: E731
+    return {
+        "pacs": info.get("pacs", ""), "calling_ae": info.get("calling_ae", ""), "state": info.get("state", ""),
+        "reason": info.get("reason", ""), "up": bool(value("edge_pacs_up")),
+        "pending": int(value("edge_pacs_outbox_pending")), "stored": int(value("edge_pacs_outbox_stored")),
+        "refused": int(value("edge_pacs_outbox_refused")), "oldest_pending_s": value("edge_pacs_outbox_oldest_pending_s"),
+        "counters": {k: s[f"edge_pacs_{k}_total"][0][1] for k in counters if f"edge_pacs_{k}_total" in s},
+        "refused_objects": [{"finding_id": labels.get("finding_id", ""), "status": int(v), "reason": labels.get("reason", "")}
+                            for labels, v in s.get("edge_pacs_refused_info", [])],
+        "no_report": {labels["reason"]: int(v) for labels, v in s.get("edge_pacs_skipped", []) if labels.get("reason")},
     }
 
 
@@ -325,6 +344,7 @@ def render_status(report: dict) -> list[str]:
         lines.append(f"uplink: published {int(u.get('published', 0))}, acknowledged {int(u.get('acked', 0))}, "
                      f"resent {int(u.get('resent', 0))}, connects {int(u.get('connects', 0))}, "
                      f"failed connects {int(u.get('connect_failures', 0))}")
+    lines += _pacs_lines(report.get("pacs") or {})
     rows = []
     for n, d in report["sources"].items():
         state = d["state"] + (f" {_duration(d['for_s'])}" if d["for_s"] is not None and d["state"] != "up" else "")
@@ -353,6 +373,21 @@ def render_status(report: dict) -> list[str]:
                                     "switches"])
         lines.append("p50/p99: " + ("histogram estimates (bucket interpolation)" if estimated else
                                     "exact, over each model's recent findings"))
+    return lines
+
+
+def _pacs_lines(p: dict) -> list[str]:
+    if not p:
+        return []
+    state = p["state"] + (f" ({p['reason']})" if p["reason"] else "")
+    lines = [f"pacs {p['pacs']} (calling AE {p['calling_ae']}): {state}, reports pending {p['pending']}, stored "
+             f"{p['stored']}, refused {p['refused']}"
+             + (f", oldest pending {_duration(p['oldest_pending_s'])}" if p["pending"] and p["oldest_pending_s"] else "")]
+    for r in p["refused_objects"][:5]:
+        status = f"0x{r['status']:04X}" if r["status"] >= 0 else "local"
+        lines.append(f"  refused: finding {r['finding_id']} ({status}): {r['reason']}")
+    for reason, n in sorted(p["no_report"].items()):
+        lines.append(f"  no report for {n} finding(s): {reason}")
     return lines
 
 
@@ -459,6 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
 
     add_collect_parser(sub)
+    from edge_runtime.pacs.commands import add_parser as add_pacs_parser  # `pacs refused|requeue`
+
+    add_pacs_parser(sub)
     for command in sub.choices.values():  # options go before or after the subcommand: `run --config F`
         add_common_options(command, top=False)
     return parser

@@ -121,6 +121,29 @@ class MqttSection:
     drain_on_stop_s: float = 3.0  # clean stop: keep publishing what is pending this long while the link is up
 
 
+@dataclass(frozen=True)
+class PacsSection:
+    """The clinic's PACS: a DICOM SR per study finding, by C-STORE from the outbox (README: "Reports to a PACS")."""
+
+    host: str = ""  # "" = no PACS delivery
+    port: int = 104
+    called_ae: str = ""  # the PACS's AE title (required with host)
+    calling_ae: str = "EDGE"  # this device's AE title, as the PACS knows it
+    tls: bool = False  # DICOM over TLS (PS3.15 B.1); the PACS's certificate is checked against ca_file
+    ca_file: str = ""  # tls: CA bundle ("" = system CAs)
+    cert_file: str = ""  # tls: client certificate, for a PACS that requires mutual TLS
+    key_file: str = ""
+    timeout_s: float = 30.0  # association, DIMSE and network timeouts
+    retry_min_s: float = 2.0  # backoff after a failed association or a transient status, doubling to retry_max_s
+    retry_max_s: float = 300.0
+    max_attempts: int = 5  # a transient failure status (out of resources) this many times: refused
+    batch: int = 32  # reports sent per association before the queue is read again
+    # Processes that build reports (niced: the live pipeline keeps its CPU; started when reports are owed, ended
+    # after a minute with none); 2 reach 50 reports/s on two cores (BENCHMARKS.md); 0 = in the sending thread.
+    build_workers: int = 2
+    build_nice: int = 10
+
+
 SOURCE_KINDS = ("phantom", "video", "cine", "dicom-folder", "dicom-scp")
 LIVE_KINDS = ("phantom", "video", "cine")
 RESULTS_MODES = ("exam", "frame", "both")  # "" (unset) = the source kind's default
@@ -164,6 +187,7 @@ class Config:
     service: ServiceSection = field(default_factory=ServiceSection)
     outbox: OutboxSection = field(default_factory=OutboxSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
+    pacs: PacsSection = field(default_factory=PacsSection)
     sources: list[SourceSection] = field(default_factory=list)
     source_path: str = ""
 
@@ -285,6 +309,36 @@ def check_exam_keys(src: SourceSection, path: str, where: str) -> None:
                                 f"exam_max_s; got {src.exam_gap_s} and {src.exam_max_s}")
 
 
+def check_pacs(config: Config) -> None:
+    """A [pacs] with a host needs an AE title to call, valid AE titles (1-16 characters, no backslash) and
+    sane limits."""
+    path = config.source_path or "configuration"
+    p = config.pacs
+    if not p.host:
+        return
+    if not p.called_ae:
+        raise ConfigError(path, "key 'pacs.called_ae' is required with pacs.host (the PACS's AE title)")
+    for key in ("called_ae", "calling_ae"):
+        value = getattr(p, key)
+        if not 1 <= len(value.strip()) <= 16 or "\\" in value or not value.isascii():
+            raise ConfigError(path, f"key 'pacs.{key}' must be 1 to 16 ASCII characters without a backslash; "
+                                    f"got {value!r}")
+    if not 0 < p.port < 65536:
+        raise ConfigError(path, f"key 'pacs.port' must be 1..65535; got {p.port}")
+    for key in ("timeout_s", "retry_min_s", "retry_max_s"):
+        if not getattr(p, key) > 0:
+            raise ConfigError(path, f"key 'pacs.{key}' must be above 0; got {getattr(p, key)}")
+    if p.retry_max_s < p.retry_min_s:
+        raise ConfigError(path, f"key 'pacs.retry_max_s' must be at least pacs.retry_min_s ({p.retry_min_s:g})")
+    for key, low in (("max_attempts", 1), ("batch", 1), ("build_workers", 0)):
+        if getattr(p, key) < low:
+            raise ConfigError(path, f"key 'pacs.{key}' must be at least {low}; got {getattr(p, key)}")
+    if not 0 <= p.build_nice <= 19:
+        raise ConfigError(path, f"key 'pacs.build_nice' must be 0..19; got {p.build_nice}")
+    if (p.cert_file or p.key_file or p.ca_file) and not p.tls:
+        raise ConfigError(path, "keys 'pacs.ca_file', 'pacs.cert_file' and 'pacs.key_file' need pacs.tls = true")
+
+
 def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
@@ -297,4 +351,5 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(str(path), f"invalid TOML ({exc})") from None
     config = dataclasses.replace(build(Config, table, str(path)), source_path=str(path))
     check_sources(config)
+    check_pacs(config)
     return config

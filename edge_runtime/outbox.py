@@ -25,6 +25,14 @@ never a half-stored finding.
 
 Schema version 2 added the stored state; a version 1 file is migrated in place, in one transaction, on open: its
 delivered rows become sent (a PUBACK was all they ever had).
+
+Destinations other than MQTT (the clinic's PACS) have a delivery state of their own in `deliveries`, one row per
+finding and destination, committed in the finding's own transaction (`commit(..., deliveries={...})`), so each
+destination is independent of the others and of the MQTT state above, which it never touches. A delivery row keeps
+its own copy of the payload and the destination-only data (`local`: the PACS needs the real study UIDs, which
+never enter the MQTT payload), so the caps that prune findings after their MQTT delivery cannot take a delivery
+that is still owed; both are cleared once the destination has the object. Pending deliveries are never evicted.
+The table has its own version (meta `deliveries_schema`): a file without it gets it in the opening transaction.
 """
 from __future__ import annotations
 
@@ -49,6 +57,10 @@ PENDING, SENT, STORED = 0, 1, 2
 DELIVERED = SENT  # the name before receipts existed: a PUBACK
 STATE_NAMES = {PENDING: "pending", SENT: "sent", STORED: "stored"}
 SCHEMA_VERSION = 2
+REFUSED = 3  # deliveries only: the destination refused the object; kept with its status, not retried
+NOT_OWED = 4  # deliveries only: the finding cannot go to this destination (the reason is kept: a PNG has no UIDs)
+DELIVERY_STATE_NAMES = {PENDING: "pending", STORED: "stored", REFUSED: "refused", NOT_OWED: "not owed"}
+DELIVERIES_SCHEMA = 1
 RESEND_BACKOFF_MAX = 5  # a row still without a receipt waits receipt_timeout * 2**resends, resends capped here
 EVICTED_LOG_ROWS = 100_000  # how many evicted findings are remembered by id (for audit and tests)
 AGE_CHECK_INTERVAL_S = 60.0
@@ -75,6 +87,24 @@ CREATE INDEX IF NOT EXISTS findings_delivered ON findings(seq) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS findings_delivered_at ON findings(delivered_at) WHERE state = 1;
 CREATE INDEX IF NOT EXISTS findings_stored ON findings(seq) WHERE state = 2;
 CREATE INDEX IF NOT EXISTS findings_age ON findings(created_at);
+CREATE TABLE IF NOT EXISTS deliveries (         -- deliveries_schema 1: per-destination state (not MQTT)
+    destination  TEXT NOT NULL,                -- e.g. 'pacs'
+    seq          INTEGER NOT NULL,             -- the finding's seq (the finding row may be pruned before this one)
+    finding_id   TEXT NOT NULL,
+    rank         INTEGER NOT NULL,
+    state        INTEGER NOT NULL DEFAULT 0,   -- 0 pending, 2 stored (the destination has it), 3 refused, 4 not owed
+    payload      TEXT NOT NULL,                -- the finding JSON ('' once stored)
+    local        TEXT NOT NULL,                -- destination-only JSON, never published ('' once stored)
+    attempts     INTEGER NOT NULL DEFAULT 0,   -- tries that ended without the destination having it
+    next_at      REAL NOT NULL DEFAULT 0,      -- unix time before which it is not tried again (backoff)
+    status       INTEGER,                      -- the destination's last status code (DICOM: 0x0000 success)
+    detail       TEXT NOT NULL DEFAULT '',     -- why it was refused or is retried
+    created_at   REAL NOT NULL,
+    done_at      REAL,
+    PRIMARY KEY (destination, seq)
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries(destination, rank, seq) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS deliveries_refused ON deliveries(destination, done_at) WHERE state = 3;
 CREATE TABLE IF NOT EXISTS evicted (
     seq        INTEGER PRIMARY KEY,
     finding_id TEXT NOT NULL,
@@ -108,6 +138,29 @@ class Row:
     priority: str
     payload: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryRow:
+    """A finding owed to a destination other than MQTT, with that destination's own data."""
+
+    seq: int
+    finding_id: str
+    priority: str
+    payload: str
+    local: dict[str, Any]
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeliveryOutcome:
+    """What a destination said about one delivery: 'stored', 'refused' or 'retry' (not before retry_at)."""
+
+    seq: int
+    outcome: str
+    status: int | None = None
+    detail: str = ""
+    retry_at: float | None = None
 
 
 class _Request:
@@ -180,6 +233,7 @@ class Outbox:
                 self._init_meta()
             elif version[0] < SCHEMA_VERSION:
                 self._migrate(version[0])
+            self._ensure_deliveries_schema()
             self._w.execute("COMMIT")
             self._r = self._connect(None)
             self._r.execute("PRAGMA query_only = ON")
@@ -207,6 +261,17 @@ class Outbox:
             log.warning("outbox %s: migrated from schema %d to %d; its %d delivered finding(s) are now 'sent' "
                         "(they wait for a hub receipt when mqtt.require_receipts is on)", self.path, version,
                         SCHEMA_VERSION, sent)
+
+    def _ensure_deliveries_schema(self) -> None:
+        """Inside the opening transaction: the deliveries table is created by _SCHEMA; record its version (a file
+        written before it existed has no deliveries to migrate)."""
+        row = self._w.execute("SELECT value FROM meta WHERE key = 'deliveries_schema'").fetchone()
+        if not row or row[0] < DELIVERIES_SCHEMA:
+            self._w.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('deliveries_schema', ?)",
+                            (DELIVERIES_SCHEMA,))
+            if row is None and self._w.execute("SELECT COUNT(*) FROM findings").fetchone()[0]:
+                log.info("outbox %s: added per-destination delivery state (deliveries schema %d); findings "
+                         "committed before it are not sent to other destinations", self.path, DELIVERIES_SCHEMA)
 
     def _connect(self, max_page_count: int | None) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -239,15 +304,20 @@ class Outbox:
             self._w.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", changed)
 
     # ------------------------------------------------------------ commit
-    def commit(self, finding: dict[str, Any], source_item: str | None = None) -> int:
+    def commit(self, finding: dict[str, Any], source_item: str | None = None,
+               deliveries: dict[str, dict[str, Any] | str] | None = None) -> int:
         """Store one finding durably; returns its seq. The dict gets its `seq` (and a `finding_id` if it had
-        none) once committed. If `source_item` was committed before, returns that seq and stores nothing."""
-        return self.commit_many([(finding, source_item)])[0]
+        none) once committed. If `source_item` was committed before, returns that seq and stores nothing.
+        `deliveries` {destination: local data} owes the finding to those destinations too, in the same
+        transaction (the local data is stored for that destination only, never published); a str instead of
+        the data records why the finding is not owed to that destination (counted and shown, never sent)."""
+        return self.commit_many([(finding, source_item, deliveries) if deliveries else (finding, source_item)])[0]
 
-    def commit_many(self, items: Sequence[tuple[dict[str, Any], str | None]]) -> list[int]:
-        """Store several findings in one transaction: all or none. Returns their seqs in order."""
+    def commit_many(self, items: Sequence[tuple]) -> list[int]:
+        """Store several findings in one transaction: all or none. Returns their seqs in order. Each item is
+        (finding, source_item) or (finding, source_item, deliveries)."""
         items = list(items)
-        for finding, _ in items:
+        for finding, *_ in items:
             priority = finding.get("priority", "routine")
             if priority not in RANK:
                 raise ValueError(f"finding priority must be one of {', '.join(PRIORITIES)}, got {priority!r}")
@@ -331,7 +401,9 @@ class Outbox:
         conn = self._w
         seqs: list[int] = []
         updates = []
-        for finding, source_item in items:
+        for item in items:
+            finding, source_item = item[0], item[1]
+            deliveries = item[2] if len(item) > 2 else None  # (finding, source_item[, deliveries])
             if source_item is not None:
                 row = conn.execute("SELECT seq, finding_id FROM findings WHERE source_item = ?", (source_item,)).fetchone()
                 if row is not None:
@@ -355,6 +427,16 @@ class Outbox:
             meta["bytes"] += size
             meta[f"pending_rows_{rank}"] += 1
             meta[f"pending_bytes_{rank}"] += size
+            for destination, local in (deliveries or {}).items():
+                if isinstance(local, str):  # not owed, and why
+                    conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, state, payload, local, "
+                                 "detail, created_at, done_at) VALUES (?,?,?,?,?,'','',?,?,?)",
+                                 (destination, seq, finding_id, rank, NOT_OWED, local[:500], now, now))
+                    continue
+                conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, payload, local, created_at) "
+                             "VALUES (?,?,?,?,?,?,?)", (destination, seq, finding_id, rank, payload,
+                                                         json.dumps(local, separators=(",", ":"), allow_nan=False),
+                                                         now))
             seqs.append(seq)
             updates.append((finding, seq, finding_id))
         return seqs, updates
@@ -384,6 +466,8 @@ class Outbox:
             old = self._w.execute("SELECT seq, rank, bytes, state, finding_id FROM findings WHERE created_at < ? "
                                   f"AND ({self._done_sql()} OR rank = 1) ORDER BY seq", (cutoff,)).fetchall()
             self._remove(old, meta, now, "age")
+            # Finished deliveries (stored, refused) age out too; a pending one is owed and stays.
+            self._w.execute("DELETE FROM deliveries WHERE state >= 2 AND created_at < ?", (cutoff,))
         if not self._over(meta):
             return
         for state_sql, index in self._cap_steps():
@@ -670,6 +754,136 @@ class Outbox:
         if n:
             self.commits += 1
         return n
+
+    # ------------------------------------------------------------ other destinations (deliveries)
+    def due_deliveries(self, destination: str, limit: int, now: float | None = None,
+                       exclude: Iterable[int] = ()) -> list[DeliveryRow]:
+        """Up to `limit` pending deliveries to `destination` whose backoff has passed, urgent first, then seq."""
+        exclude = list(exclude)
+        now = self.clock() if now is None else now
+        sql = ("SELECT seq, finding_id, rank, payload, local, attempts FROM deliveries INDEXED BY deliveries_due "
+               "WHERE destination = ? AND state = 0 AND next_at <= ?")
+        if exclude:
+            sql += f" AND seq NOT IN ({','.join('?' * len(exclude))})"
+        sql += " ORDER BY rank, seq LIMIT ?"
+        with self._read_lock:
+            rows = self._r.execute(sql, (destination, now, *exclude, limit)).fetchall()
+        return [DeliveryRow(seq, fid, PRIORITY_OF_RANK[rank], payload, json.loads(local), attempts)
+                for seq, fid, rank, payload, local, attempts in rows]
+
+    def next_delivery_at(self, destination: str) -> float | None:
+        """When the earliest pending delivery to `destination` may be tried (None: nothing is pending)."""
+        with self._read_lock:
+            row = self._r.execute("SELECT MIN(next_at) FROM deliveries INDEXED BY deliveries_due WHERE "
+                                  "destination = ? AND state = 0", (destination,)).fetchone()
+        return row[0] if row else None
+
+    def mark_deliveries(self, destination: str, outcomes: Sequence[DeliveryOutcome]) -> int:
+        """Record what the destination said, in one transaction; returns how many rows changed. stored: done, the
+        payload and local data are dropped (the destination holds them now); refused: kept with the status and
+        the reason, never tried again; retry: attempts + 1, not before `retry_at`. Only pending rows change.
+        Written without an fsync of its own: a mark lost to a power cut means the same object is sent again
+        (the destination already has it or refuses it again), never a loss."""
+        if not outcomes:
+            return 0
+        conn = self._w
+        now = self.clock()
+        changed = 0
+        with self._write_lock:
+            try:
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute("BEGIN IMMEDIATE")
+                counts = {"stored": 0, "refused": 0}
+                for o in outcomes:
+                    if o.outcome == "stored":
+                        cur = conn.execute("UPDATE deliveries SET state = 2, payload = '', local = '', status = ?, "
+                                           "detail = ?, done_at = ? WHERE destination = ? AND seq = ? AND state = 0",
+                                           (o.status, o.detail, now, destination, o.seq))
+                    elif o.outcome == "refused":
+                        cur = conn.execute("UPDATE deliveries SET state = 3, attempts = attempts + 1, status = ?, "
+                                           "detail = ?, done_at = ? WHERE destination = ? AND seq = ? AND state = 0",
+                                           (o.status, o.detail, now, destination, o.seq))
+                    elif o.outcome == "retry":
+                        cur = conn.execute("UPDATE deliveries SET attempts = attempts + 1, status = ?, detail = ?, "
+                                           "next_at = ? WHERE destination = ? AND seq = ? AND state = 0",
+                                           (o.status, o.detail, o.retry_at or now, destination, o.seq))
+                    else:
+                        raise ValueError(f"delivery outcome must be stored, refused or retry; got {o.outcome!r}")
+                    changed += cur.rowcount
+                    if o.outcome in counts:
+                        counts[o.outcome] += cur.rowcount
+                for what, n in counts.items():
+                    if n:
+                        conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                     "value = value + excluded.value", (f"{destination}_{what}", n))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise OutboxError(str(self.path), f"cannot mark {destination} deliveries ({exc})") from None
+            finally:
+                try:
+                    conn.execute("PRAGMA synchronous = FULL")
+                except sqlite3.Error:
+                    pass
+        return changed
+
+    def requeue_refused(self, destination: str, finding_ids: Iterable[str] | None = None) -> int:
+        """Make refused deliveries pending again (all, or these finding_ids): an operator fixed the cause (the
+        PACS now accepts the SOP class). Returns how many. Durable."""
+        conn = self._w
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                if finding_ids is None:
+                    cur = conn.execute("UPDATE deliveries SET state = 0, next_at = 0, done_at = NULL WHERE "
+                                       "destination = ? AND state = 3", (destination,))
+                    n = cur.rowcount
+                else:
+                    n = 0
+                    for fid in set(finding_ids):
+                        n += conn.execute("UPDATE deliveries SET state = 0, next_at = 0, done_at = NULL WHERE "
+                                          "destination = ? AND state = 3 AND finding_id = ?",
+                                          (destination, fid)).rowcount
+                if n:
+                    conn.execute("INSERT INTO meta(key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET "
+                                 "value = value - excluded.value", (f"{destination}_refused", n))
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                raise OutboxError(str(self.path), f"cannot requeue refused {destination} deliveries ({exc})") from None
+        return n
+
+    def delivery_stats(self, destination: str) -> dict[str, Any]:
+        """pending (owed now), stored and refused (ever, less those requeued), the oldest pending one's age."""
+        meta = self._read_meta()
+        with self._read_lock:
+            pending, oldest = self._r.execute(
+                "SELECT COUNT(*), MIN(created_at) FROM deliveries INDEXED BY deliveries_due WHERE destination = ? "
+                "AND state = 0", (destination,)).fetchone()
+        return {"pending": pending, "stored": meta.get(f"{destination}_stored", 0),
+                "refused": meta.get(f"{destination}_refused", 0),
+                "oldest_pending_s": round(self.clock() - oldest, 1) if oldest is not None else None}
+
+    def refused_deliveries(self, destination: str, limit: int = 20) -> list[dict[str, Any]]:
+        """The most recent refusals: finding_id, status, reason, when (newest first)."""
+        with self._read_lock:
+            rows = self._r.execute("SELECT finding_id, seq, status, detail, done_at, attempts FROM deliveries INDEXED "
+                                   "BY deliveries_refused WHERE destination = ? AND state = 3 ORDER BY done_at DESC "
+                                   "LIMIT ?", (destination, limit)).fetchall()
+        return [{"finding_id": fid, "seq": seq, "status": status, "reason": detail, "at": at, "attempts": attempts}
+                for fid, seq, status, detail, at, attempts in rows]
+
+    def not_owed_reasons(self, destination: str, limit: int = 10) -> dict[str, int]:
+        """Why findings were not owed to `destination`: reason -> how many (the most frequent reasons)."""
+        with self._read_lock:
+            return dict(self._r.execute("SELECT detail, COUNT(*) AS n FROM deliveries WHERE destination = ? AND "
+                                        "state = 4 GROUP BY detail ORDER BY n DESC LIMIT ?", (destination, limit)))
+
+    def delivery_states(self, destination: str) -> dict[str, str]:
+        """finding_id -> 'pending' | 'stored' | 'refused' | 'not owed' for `destination` (tests and audits)."""
+        with self._read_lock:
+            return {fid: DELIVERY_STATE_NAMES[st] for fid, st in self._r.execute(
+                "SELECT finding_id, state FROM deliveries WHERE destination = ?", (destination,))}
 
     # ------------------------------------------------------------ inspection
     def has_source_item(self, source_item: str) -> bool:

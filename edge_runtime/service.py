@@ -47,6 +47,9 @@ UPLINK_COUNTERS = ("published", "acked", "resent", "rejected", "unrouted", "conn
                    "connect_failures", "errors", "new_sessions", "requeued",
                    "receipts", "stored", "receipt_unknown", "receipt_foreign", "receipt_malformed", "receipt_resent",
                    "half_open", "net_events")
+PACS_COUNTERS = ("sent", "stored", "duplicates", "warnings", "refused", "transient", "associations", "rejected",
+                 "connect_failures", "aborted", "build_errors")
+PACS_GAUGES = ("up", "outbox_pending", "outbox_stored", "outbox_refused", "outbox_oldest_pending_s")
 LATENCY_WINDOW = 1000  # findings per model behind the exact percentiles `status` shows
 WINDOW_QUANTILES = (0.5, 0.95, 0.99, 1.0)
 FIRST_OPEN_WAIT_S = 5.0  # readiness waits this long for live sources' first open, to report what is up
@@ -157,6 +160,7 @@ class Service:
         self._unstored_exams: dict[str, list[dict]] = {}
         self.outbox = None
         self.uplink = None
+        self.pacs = None  # edge_runtime.pacs.delivery.PacsDelivery when [pacs] has a host
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.alarms: list[str] = []
@@ -194,6 +198,7 @@ class Service:
         if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
             self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
             self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
+        self.pacs = self._start_pacs()  # before the sources: a study in the inbox at start is owed a report too
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
@@ -246,15 +251,17 @@ class Service:
     def current_alarms(self) -> list[dict]:
         """Sources down longer than service.source_down_alarm_s; the uplink puts these in its telemetry."""
         limit = self.config.service.source_down_alarm_s
-        if limit <= 0:
-            return []
         now = time.time()
-        return [{"kind": "source_down", "source": name, "since": _utc(state.since), "down_s": round(now - state.since),
-                 "reason": state.reason}
-                for name, state in self.source_states().items() if state.state == "down" and now - state.since >= limit]
+        alarms = [{"kind": "source_down", "source": name, "since": _utc(state.since), "down_s": round(now - state.since),
+                   "reason": state.reason}
+                  for name, state in self.source_states().items()
+                  if limit > 0 and state.state == "down" and now - state.since >= limit]
+        if self.pacs is not None and self.pacs.active_alarm:  # e.g. the PACS rejects our AE title
+            alarms.append({"kind": "pacs", "pacs": self.pacs.where, "reason": self.pacs.active_alarm})
+        return alarms
 
     def _check_source_alarms(self) -> None:
-        alarms = {a["source"]: a for a in self.current_alarms()}
+        alarms = {a["source"]: a for a in self.current_alarms() if a["kind"] == "source_down"}
         for name, alarm in alarms.items():
             if name not in self._source_alarms:
                 log.error("ALARM: source %s down for %d s: %s", name, alarm["down_s"], alarm["reason"],
@@ -310,6 +317,45 @@ class Service:
             self.metrics.watch("edge_uplink", uplink.stats, counters=UPLINK_COUNTERS, gauges=("inflight", "window"))
             uplink.start()
         return uplink
+
+    def _start_pacs(self):
+        """The PACS worker, when [pacs] names a host: reports for study findings, by C-STORE from the outbox."""
+        if not self.config.pacs.host:
+            return None
+        from edge_runtime.pacs.delivery import PacsDelivery
+
+        pacs = PacsDelivery(self.outbox, self.config.pacs, self.config.state_dir / "pacs-spool", alarm=self._alarm)
+        self.metrics.watch("edge_pacs", pacs.stats, counters=PACS_COUNTERS, gauges=PACS_GAUGES)
+        m = self.metrics
+        m.watch_labeled("edge_pacs_info", "The PACS destination and its delivery state (value 1)",
+                        ["pacs", "calling_ae", "state", "reason"],
+                        lambda: [((pacs.where, self.config.pacs.calling_ae, pacs.state,
+                                   pacs.active_alarm or pacs.last_error), 1.0)])
+        m.watch_labeled("edge_pacs_refused_info", "The most recent reports the PACS refused (value: DICOM status)",
+                        ["finding_id", "reason"],
+                        lambda: [((r["finding_id"], r["reason"]), float(r["status"] if r["status"] is not None else -1))
+                                 for r in pacs.refused()])
+        m.watch_labeled("edge_pacs_skipped", "Study findings that got no PACS report, by reason", ["reason"],
+                        lambda: [((reason,), float(n)) for reason, n in pacs.not_owed().items()])
+        pacs.start()
+        return pacs
+
+    def _pacs_deliveries(self, src: SourceSection, name: str, inp, index: int, manifest) -> dict | None:
+        """What the PACS destination needs of this study finding ({'pacs': source reference}), or None: no PACS,
+        or an input that cannot have a report (a PNG has no DICOM identifiers), counted by reason for `status`."""
+        if not self.config.pacs.host:
+            return None
+        from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
+
+        reason = no_report_reason(inp.meta, inp.n_frames)
+        if reason is not None:  # kept with the finding (durable, shown in status), not only logged
+            if index == 0:
+                log.info("%s: %s gets no PACS report: %s", src.name, name, reason,
+                         extra={"source": src.name, "input": name, "reason": reason})
+            return {DESTINATION: reason}
+        positive = manifest.decision.positive_label if manifest.decision else ""
+        return {DESTINATION: source_reference(inp.meta, frame_index=index, n_frames=inp.n_frames,
+                                              positive_label=positive)}
 
     def _start_source(self, src: SourceSection) -> None:
         runner = self.runners[src.model]
@@ -375,7 +421,9 @@ class Service:
             log.exception("worker %s crashed", progress.name)
             progress.busy_since = 0.0  # reads as stalled: the watchdog stops, systemd restarts us
 
-    def _commit(self, finding: dict, source_item: str | None) -> int | None:
+    def _commit(self, finding: dict, source_item: str | None, deliveries: dict | None = None) -> int | None:
+        if deliveries:  # owed to other destinations too (the PACS), in the same transaction
+            return self.outbox.commit(finding, source_item=source_item, deliveries=deliveries)
         return self.outbox.commit(finding, source_item=source_item)
 
     def _commit_frame(self, src: SourceSection, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> bool:
@@ -660,7 +708,7 @@ class Service:
             else:
                 prediction = predictor.predict(frame)
             finding = self._finding(frame, predictor, prediction, budget_ms)
-            self._commit(finding, items[index])
+            self._commit(finding, items[index], self._pacs_deliveries(src, item.path.name, inp, index, manifest))
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
         return finding
 
@@ -702,6 +750,8 @@ class Service:
                 stalled.append(f"{source.name}/capture")
         if self.uplink is not None and not self.uplink.alive():
             stalled.append("uplink")
+        if self.pacs is not None and not self.pacs.alive():
+            stalled.append("pacs")
         stages = list(self.progress) + [f"{s.name}/capture" for s in self.live_sources]
         stages += ["uplink"] if self.uplink is not None else []
         for name in stages:
@@ -767,6 +817,8 @@ class Service:
             status = 1
         if self.uplink is not None:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
+        if self.pacs is not None:  # a report in flight is sent again at the next start: same object, no duplicate
+            self.pacs.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.outbox is not None and not busy:
             self.outbox.close()  # with a worker still inside a commit, leave it: SQLite rolls back what was not committed
         if not busy:

@@ -127,6 +127,26 @@ def pixel_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
     return None, None
 
 
+# Patient and study attributes a report for the clinic's PACS repeats so that it files into the same study
+# (edge_runtime.pacs). Originals: they stay on the device and go only to that PACS.
+RECORD_ATTRIBUTES = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                     "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName")
+
+
+def record_attributes(ds: Dataset) -> dict[str, str]:
+    """The header's RECORD_ATTRIBUTES as text (absent or empty ones left out)."""
+    out = {}
+    for keyword in RECORD_ATTRIBUTES:
+        try:
+            value = ds.get(keyword)
+            text = "" if value is None else str(value)
+        except Exception:  # noqa: BLE001 - an unreadable name must not cost the image its reading; left out
+            continue
+        if text:
+            out[keyword] = text
+    return out
+
+
 def is_image_sop_class(sop_class_uid: str) -> bool:
     return "Image Storage" in UID(sop_class_uid).name
 
@@ -262,6 +282,7 @@ class DicomImage:
                 instance_uid=str(ds.get("SOPInstanceUID", "")),
                 body_part=str(ds.get("BodyPartExamined", "") or ""),
                 view_position=str(ds.get("ViewPosition", "") or ""),
+                extra={"record": record_attributes(ds)},
             )
         except AttributeError as exc:
             missing = str(exc).rsplit("'", 2)[-2] if "'" in str(exc) else "a required attribute"
