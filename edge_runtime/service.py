@@ -357,6 +357,21 @@ class Service:
         return {DESTINATION: source_reference(inp.meta, frame_index=index, n_frames=inp.n_frames,
                                               positive_label=positive)}
 
+    def _exam_deliveries(self, src: SourceSection, finding: dict) -> dict | None:
+        """The PACS destination of an exam finding: a DICOM cine's exam is reported against the cine's real UIDs
+        and its key frame; a feed without DICOM identifiers (a phantom, a video device) gets the reason."""
+        if not self.config.pacs.host:
+            return None
+        from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
+
+        image = next((getattr(s, "image", None) for s in self.live_sources if s.name == src.name), None)
+        meta = getattr(image, "meta", None)
+        reason = no_report_reason(meta)  # one report per exam, so the cine's frame count is no objection
+        if reason is not None:
+            return {DESTINATION: reason}
+        return {DESTINATION: source_reference(meta, frame_index=int(finding["study"].get("frame_index") or 0),
+                                              n_frames=image.n_frames)}
+
     def _start_source(self, src: SourceSection) -> None:
         runner = self.runners[src.model]
         progress = self.progress[src.name] = Progress(src.name)
@@ -474,7 +489,7 @@ class Service:
                 waiting.append(exam_finding(summary, self.identity, budget_ms, thumbnail=False))
         while waiting:
             try:
-                self._commit(waiting[0], f"exam:{waiting[0]['exam']['exam_id']}")
+                self._commit(waiting[0], f"exam:{waiting[0]['exam']['exam_id']}", self._exam_deliveries(src, waiting[0]))
             except OutboxError as exc:
                 if isinstance(exc, OutboxFull):
                     self.metrics.outbox_full.inc()

@@ -571,3 +571,27 @@ def test_the_pacs_command_lists_refused_reports_and_requeues_them(tmp_path):
     assert cli("requeue").startswith("1 refused") and "no refused reports" in cli("refused")
     with Outbox(tmp_path / "state" / "outbox.sqlite") as box:
         assert box.delivery_states(DESTINATION) == {f["finding_id"]: "pending"}
+
+
+@needs_shared
+@needs_validators
+def test_a_cine_exam_finding_is_reported_once_against_its_key_frame_and_validates(tmp_path):
+    from types import SimpleNamespace
+
+    from edge_runtime.service import Service
+
+    cine = DicomImage(CINE)
+    f = finding("fetal-head", measurements={"head_circumference_mm": 171.4, "head_circumference_iqr_mm": 1.2,
+                                            "gestational_age_weeks": 19.6})
+    f["study"]["frame_index"] = 1
+    f["exam"] = {"exam_id": str(uuid.uuid4()), "frames_seen": 60, "frames_used": 41}
+    fake = SimpleNamespace(config=SimpleNamespace(pacs=SimpleNamespace(host="127.0.0.1")),
+                           live_sources=[SimpleNamespace(name="probe", image=cine), SimpleNamespace(name="video")])
+    ref = Service._exam_deliveries(fake, SimpleNamespace(name="probe"), f)[DESTINATION]
+    assert ref["sop_instance_uid"] == cine.meta.instance_uid and ref["frame_number"] == 2  # the key frame
+    assert Service._exam_deliveries(fake, SimpleNamespace(name="video"), f) == {DESTINATION: NO_DICOM}
+    sr = build_sr(f, ref)
+    sr.save_as(tmp_path / "sr.dcm", enforce_file_format=True)
+    errors, dump = validate(tmp_path / "sr.dcm")
+    assert errors == [] and "Head Circumference" in dump
+    assert ("Head Circumference", "171.4 mm") in content(sr)
