@@ -452,9 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=30.0, help="how long the daemon runs (default 30)")
     p.set_defaults(func=cmd_demo)
 
-    from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
+    from edge_hub.cli import add_parsers as add_hub_parsers  # hub side: `collect`, `hub report|export`
 
-    add_collect_parser(sub)
+    add_hub_parsers(sub)
     for command in sub.choices.values():  # options go before or after the subcommand: `run --config F`
         add_common_options(command, top=False)
     return parser
