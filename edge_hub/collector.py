@@ -245,6 +245,7 @@ class Collector:
                 if self._suback is not None and not self.subscribed.is_set():
                     if all(not r.is_failure for r in self._suback):
                         self.subscribed.set()
+                        log.info("collector %s subscribed to %s", self.client_id, self.topic)
                     else:
                         self._note(f"subscription to {self.topic} refused: {self._suback}")
                         return True
