@@ -204,8 +204,8 @@ def _csv_row(row: tuple) -> list[Any]:
 
 
 def write_export(rows: Iterator[tuple], out: IO[str], fmt: str) -> int:
-    """CSV (one row per finding, the columns in CSV_COLUMNS) or JSON lines (each finding as received, with a
-    "hub" object: received_at, dups, verdict). -> rows written."""
+    """CSV (one row per finding, the columns in CSV_COLUMNS) or JSON lines (each finding's JSON, with a "hub"
+    object added: received_at, dups, verdict; from PostgreSQL the keys come in jsonb's order). -> rows written."""
     n = 0
     if fmt == "csv":
         w = csv.writer(out, lineterminator="\n")

@@ -47,7 +47,7 @@ class HubStore(Protocol):
     param: str                       # placeholder for a named parameter: ":{}" or "%({})s"
     epoch: str                       # SQL that turns a stored timestamp column {col} into epoch seconds
     since_param: str                 # SQL comparing {col} with the named epoch parameter since
-    as_text: str                     # SQL giving a stored JSON column {col} as the text it was received as
+    as_text: str                     # SQL giving a stored JSON column {col} as text
 
     def write(self, rows: list[Row]) -> BatchResult: ...
     def ensure(self) -> None: ...
