@@ -6,7 +6,9 @@ Everything private and on loopback: a Mosquitto (`edge_runtime.local_broker.Loca
 database per run. The collectors are the real `Collector` (edge_hub.collector), each in its own process, in one
 shared-subscription group ($share/collectors/...), receipts on. The fleet is one publisher process with `--devices`
 MQTT clients (QoS 1, MQTT 5), each finding about 900 bytes of JSON shaped like the device's, one in 20 urgent;
-each publish carries its wall-clock send time as an MQTT 5 user property.
+each payload starts with its wall-clock send time (`{"t_pub": ...,`), which the collector stores like any other
+key. `--protocol` sets the collectors' MQTT version (paho decodes an MQTT 5 PUBLISH's properties in Python, a
+visible share of a collector's time).
 
 Two phases per collector count:
 - saturation: the fleet publishes `--findings` as fast as the broker takes them; measured: findings/s committed
@@ -62,9 +64,6 @@ def finding(n: int, device: str, site: str, seq: int) -> dict[str, Any]:
 def publish(args: argparse.Namespace) -> dict[str, Any]:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
-    from paho.mqtt.packettypes import PacketTypes
-    from paho.mqtt.properties import Properties
-
     clients = []
     for d in range(args.devices):
         c = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"bench-dev-{d:03d}",
@@ -77,14 +76,12 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
     payloads = []
     for n in range(args.count):  # built before the clock starts: the fleet's JSON encoding is not the hub's cost
         d = n % args.devices
-        payloads.append((d, f"edge/v1/site-{d % 10}/dev-{d:03d}/findings",
-                         json.dumps(finding(n, f"dev-{d:03d}", f"site-{d % 10}", n // args.devices + 1))))
+        body = json.dumps(finding(n, f"dev-{d:03d}", f"site-{d % 10}", n // args.devices + 1)).encode()
+        payloads.append((d, f"edge/v1/site-{d % 10}/dev-{d:03d}/findings", body[1:]))
     infos = []
     start = time.time()
     for n, (d, topic, payload) in enumerate(payloads):
-        props = Properties(PacketTypes.PUBLISH)
-        props.UserProperty = ("t", repr(time.time()))
-        infos.append(clients[d].publish(topic, payload, qos=1, properties=props))
+        infos.append(clients[d].publish(topic, b'{"t_pub":' + repr(time.time()).encode() + b"," + payload, qos=1))
         if args.rate:
             lag = start + (n + 1) / args.rate - time.time()
             if lag > 0:
@@ -110,12 +107,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     def on_commit(batch, committed: float) -> None:
         commits.append((committed, len(batch)))
         for m, _ in batch:
-            for key, value in getattr(m.properties, "UserProperty", None) or []:
-                if key == "t":
-                    lat.append(committed - float(value))
+            p = m.payload
+            if p.startswith(b'{"t_pub":'):
+                lat.append(committed - float(p[9:p.index(b",", 9)]))
 
     col = Collector(f"mqtt://127.0.0.1:{args.port}", args.db, topic=GROUP_TOPIC, client_id=args.client_id,
-                    reconnect_min_s=0.05, on_commit=on_commit, batch_max=args.batch_max)
+                    reconnect_min_s=0.05, on_commit=on_commit, batch_max=args.batch_max, protocol=args.protocol)
     signal.signal(signal.SIGTERM, lambda *_: col._stop.set())
     col.start()
     col.subscribed.wait(30)
@@ -129,7 +126,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 class Hub:
     """Broker, database and N collector processes for one measurement."""
 
-    def __init__(self, tmp: Path, pg, n: int, batch_max: int) -> None:
+    def __init__(self, tmp: Path, pg, n: int, batch_max: int, protocol: str) -> None:
         from edge_runtime.local_broker import LocalBroker
 
         self.broker = LocalBroker(tmp / f"broker-{n}").start()
@@ -139,7 +136,7 @@ class Hub:
             out = tmp / f"worker-{n}-{k}.json"
             p = subprocess.Popen([sys.executable, "-m", "benchmarks.hub", "worker", "--port", str(self.broker.port),
                                   "--db", self.db, "--client-id", f"bench-hub-{k}", "--batch-max", str(batch_max),
-                                  "--json"], stdout=open(out, "w"), stderr=subprocess.PIPE, text=True,
+                                  "--protocol", protocol, "--json"], stdout=open(out, "w"), stderr=subprocess.PIPE, text=True,
                                  env=child_env())
             self.procs.append((p, out))
         for p, _ in self.procs:  # each member subscribed before the fleet publishes
@@ -196,7 +193,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for n in counts:
             for phase, count, rate in (("saturation", args.findings, 0.0),
                                        ("offered", int(args.rate * args.seconds), args.rate)):
-                hub = Hub(tmp, pg, n, args.batch_max)
+                hub = Hub(tmp, pg, n, args.batch_max, args.protocol)
                 load = os.getloadavg()
                 fleet = hub.fleet(count, rate, args.devices)
                 workers = hub.finish(count)
@@ -221,7 +218,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"kind": "hub", "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
                                         "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
             "settings": {"findings": args.findings, "rate": args.rate, "seconds": args.seconds,
-                         "devices": args.devices, "batch_max": args.batch_max, "postgres_fsync": True},
+                         "devices": args.devices, "batch_max": args.batch_max, "protocol": args.protocol,
+                         "postgres_fsync": True},
             "runs": runs}
 
 
@@ -234,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="offered-load phase: how long (10 s)")
     p.add_argument("--devices", type=int, default=50, help="simulated devices (MQTT clients) in the fleet (50)")
     p.add_argument("--batch-max", type=int, default=500, help="collector batch size at most (500)")
+    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the collectors' MQTT version (5)")
     w = sub.add_parser("worker")
     w.add_argument("--port", type=int, required=True)
     w.add_argument("--db", required=True)
     w.add_argument("--client-id", required=True)
     w.add_argument("--batch-max", type=int, default=500)
+    w.add_argument("--protocol", choices=["5", "3.1.1"], default="5")
     w.add_argument("--json", action="store_true")
     f = sub.add_parser("publish")
     f.add_argument("--port", type=int, required=True)
