@@ -79,7 +79,7 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         body = json.dumps(finding(n, f"dev-{d:03d}", f"site-{d % 10}", n // args.devices + 1)).encode()
         payloads.append((d, f"edge/v1/site-{d % 10}/dev-{d:03d}/findings", body[1:]))
     infos = []
-    start = time.time()
+    start, cpu0 = time.time(), time.process_time()
     for n, (d, topic, payload) in enumerate(payloads):
         infos.append(clients[d].publish(topic, b'{"t_pub":' + repr(time.time()).encode() + b"," + payload, qos=1))
         if args.rate:
@@ -94,7 +94,8 @@ def publish(args: argparse.Namespace) -> dict[str, Any]:
         c.disconnect()
         c.loop_stop()
     return {"count": args.count, "start": start, "published": published, "acked": acked,
-            "offered_per_s": args.count / max(published - start, 1e-9)}
+            "offered_per_s": args.count / max(published - start, 1e-9),
+            "cpu_s": time.process_time() - cpu0}  # publishing only: not the imports, connects and JSON encoding
 
 
 # ------------------------------------------------------------------ a collector (worker process)
@@ -116,13 +117,21 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     signal.signal(signal.SIGTERM, lambda *_: col._stop.set())
     col.start()
     col.subscribed.wait(30)
+    cpu0 = time.process_time()  # from here on: the collector's work, not its imports and connects
     print("subscribed", file=sys.stderr, flush=True)
     while col._thread.is_alive():
         col._thread.join(0.2)
-    return {"client_id": args.client_id, "counters": col.counters, "latencies_s": lat, "commits": commits}
+    return {"client_id": args.client_id, "counters": col.counters, "latencies_s": lat, "commits": commits,
+            "cpu_s": time.process_time() - cpu0}
 
 
 # ------------------------------------------------------------------ one run (the parent)
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime + cutime + cstime of a process (the postmaster's children are its backends), seconds."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 class Hub:
     """Broker, database and N collector processes for one measurement."""
 
@@ -195,8 +204,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                        ("offered", int(args.rate * args.seconds), args.rate)):
                 hub = Hub(tmp, pg, n, args.batch_max, args.protocol)
                 load = os.getloadavg()
+                pg_cpu = proc_cpu_s(pg.proc.pid)
                 fleet = hub.fleet(count, rate, args.devices)
+                broker_cpu = proc_cpu_s(hub.broker.proc.pid)
                 workers = hub.finish(count)
+                pg_cpu = proc_cpu_s(pg.proc.pid) - pg_cpu  # the collectors' backends have exited: counted
                 stored = sum(w.get("counters", {}).get("stored", 0) for w in workers)
                 commits = [tuple(c) for w in workers for c in w.get("commits", [])]
                 lat = np.array([x for w in workers for x in w.get("latencies_s", [])]) * 1000
@@ -204,6 +216,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                        "offered_per_s": round(fleet["offered_per_s"], 1), **steady(commits),
                        "batches": len(commits), "mean_batch": stored / max(len(commits), 1),
                        "share": [w.get("counters", {}).get("stored", 0) for w in workers],
+                       # CPU per finding: what the load on a busy machine does not change much
+                       "cpu_us_per_finding": {
+                           "collectors": 1e6 * sum(w.get("cpu_s", 0) for w in workers) / count,
+                           "postgres": 1e6 * pg_cpu / count, "mosquitto": 1e6 * broker_cpu / count,
+                           "fleet_publisher": 1e6 * fleet.get("cpu_s", 0) / count},
                        "loadavg_before": [round(x, 2) for x in load]}
                 if len(lat):
                     run.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),

@@ -16,7 +16,9 @@ from edge_runtime.errors import ConfigError, EdgeError
 DB_HELP = "postgresql://user@host/db (a fleet: several collectors, one database) or a SQLite file PATH (one small hub)"
 
 
-def add_parsers(sub) -> None:
+def add_parsers(sub, common=None) -> None:
+    """`collect` and `hub report|export` on the main parser's subcommands; `common(parser)` adds the front door's
+    own options (--config, -v, --log-level) to the nested `hub` actions, which its loop does not reach."""
     from edge_hub.collector import DEFAULT_TOPICS
 
     p = sub.add_parser("collect", help="subscribe to findings on a broker and store them idempotently (hub side)")
@@ -41,7 +43,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--allow-insecure", action="store_true", help="allow plaintext mqtt:// to a non-loopback broker")
     p.add_argument("--no-receipts", action="store_true", help="do not publish receipts to the devices (then set "
                                                               "mqtt.require_receipts = false on them)")
-    p.add_argument("--batch-max", type=int, default=500, metavar="N", help="messages per commit at most (500)")
+    p.add_argument("--batch-max", type=int, default=500, metavar="N",
+                   help="stop reading and commit once a batch holds N messages (500; one read can add a few more)")
     p.add_argument("--max-seconds", type=float, default=None, help="stop after this long (tests)")
     p.set_defaults(func=cmd_collect)
 
@@ -60,6 +63,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--format", choices=["csv", "jsonl"], default="jsonl")
     e.add_argument("--output", "-o", default="-", metavar="FILE", help="default: stdout")
     e.set_defaults(func=cmd_hub_export)
+    if common is not None:
+        for q in (r, e):
+            common(q)
 
 
 def _open_for_reading(db: str):

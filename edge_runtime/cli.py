@@ -454,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from edge_hub.cli import add_parsers as add_hub_parsers  # hub side: `collect`, `hub report|export`
 
-    add_hub_parsers(sub)
+    add_hub_parsers(sub, common=lambda p: add_common_options(p, top=False))  # also on `hub report|export`
     for command in sub.choices.values():  # options go before or after the subcommand: `run --config F`
         add_common_options(command, top=False)
     return parser

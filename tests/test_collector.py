@@ -174,3 +174,13 @@ def test_collector_sends_each_device_a_receipt_for_what_it_committed(tmp_path, r
         cap.close()
         col.stop(2.0)
         broker.stop()
+
+
+def test_share_puts_every_topic_in_the_group_and_refuses_a_bad_name():
+    from edge_hub.collector import DEFAULT_TOPICS, shared
+    from edge_runtime.errors import ConfigError
+
+    assert shared(DEFAULT_TOPICS, "collectors") == [f"$share/collectors/{t}" for t in DEFAULT_TOPICS]
+    for bad in ("", "a/b", "a+", "#"):
+        with pytest.raises(ConfigError, match="--share"):
+            shared(DEFAULT_TOPICS, bad)
