@@ -125,3 +125,52 @@ def test_a_database_that_goes_away_costs_acknowledgements_not_rows(tmp_path, pg,
         broker.stop()
         if not pg.ready():
             pg.start()
+
+
+def test_real_devices_through_two_shared_collectors_and_the_report(tmp_path, pg, capsys):
+    """The device side as it ships (Outbox, Uplink with receipts) for three devices, two collectors in one
+    shared-subscription group on PostgreSQL: every finding stored once, every device's outbox confirmed by
+    receipts, and `hub report` shows the fleet: counts, status online, no seq gaps."""
+    from edge_hub.collector import DEFAULT_TOPICS, shared
+    from edge_runtime.cli import main
+    from edge_runtime.findings import DeviceIdentity
+    from edge_runtime.outbox import Outbox
+    from edge_runtime.uplink import Uplink
+    from mqtt_helpers import mqtt_section
+
+    url = pg.database()
+    broker = Broker(tmp_path / "broker").start()
+    things = []
+    try:
+        cols = [Collector(broker.url, url, topic=shared(DEFAULT_TOPICS, "collectors"), client_id=f"hub-{k}",
+                          reconnect_min_s=0.05).start() for k in range(2)]
+        things += cols
+        for col in cols:
+            wait_until(col.subscribed.is_set, 15, what="shared subscription")
+        boxes = []
+        for d in range(3):
+            identity = DeviceIdentity(f"scanner-{d}", "clinic-7" if d < 2 else "clinic-9")
+            box = Outbox(tmp_path / f"dev-{d}.sqlite", keep_until_stored=True)
+            box.commit_many([(fake_finding(i, "urgent" if i % 5 == 0 else "routine", identity.device_id,
+                                           identity.site), None) for i in range(40)])
+            boxes.append(box)
+            things.append(Uplink(box, mqtt_section(broker.url), identity).start())
+        wait_until(lambda: rows(url, "SELECT count(*) FROM findings") == [(120,)], 30, what="120 findings")
+        wait_until(lambda: all(b.stats()["sent_unstored"] == 0 and b.depth() == 0 for b in boxes), 30,
+                   what="every device's findings confirmed by receipts")
+        wait_until(lambda: rows(url, "SELECT count(*) FROM device_status WHERE status = 'online'") == [(3,)], 15,
+                   what="each device's status")
+        assert all(c.counters["stored"] for c in cols), "both members took a share"
+        assert main(["hub", "report", "--db", url, "--json"]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert [(d["site"], d["device_id"], d["status"], d["findings"], d["seq"]["missing"]) for d in report["devices"]] \
+            == [("clinic-7", "scanner-0", "online", {"urgent": 8, "routine": 32}, 0),
+                ("clinic-7", "scanner-1", "online", {"urgent": 8, "routine": 32}, 0),
+                ("clinic-9", "scanner-2", "online", {"urgent": 8, "routine": 32}, 0)]
+        assert report["totals"]["urgent_unreviewed"] == 24 and all(d["last_contact"] for d in report["devices"])
+    finally:
+        for t in reversed(things):
+            t.stop(2.0)
+        for b in locals().get("boxes", []):
+            b.close()
+        broker.stop()
