@@ -18,6 +18,7 @@ Two phases per collector count:
   p50, p99, max.
 
     python -m benchmarks.hub                         # 1, 2, 3 collectors; about 3 minutes on 2 cores
+    python -m benchmarks.hub --protocol 5,3.1.1      # both MQTT versions, interleaved; about 7 minutes
     python -m benchmarks.hub --collectors 2 --findings 20000 --rate 3000 --seconds 10
 """
 from __future__ import annotations
@@ -191,43 +192,53 @@ def steady(commits: list[tuple[float, int]], lo: float = 0.1, hi: float = 0.9) -
             "whole_per_s": total / max(times[-1] - times[0], 1e-9) if total > 1 else 0.0}
 
 
+def one_run(tmp: Path, pg, args: argparse.Namespace, n: int, protocol: str, phase: str, count: int,
+            rate: float) -> dict[str, Any]:
+    """One phase with n collectors on a fresh broker and database."""
+    hub = Hub(tmp, pg, n, args.batch_max, protocol)
+    load = os.getloadavg()
+    pg_cpu = proc_cpu_s(pg.proc.pid)
+    fleet = hub.fleet(count, rate, args.devices)
+    broker_cpu = proc_cpu_s(hub.broker.proc.pid)
+    workers = hub.finish(count)
+    pg_cpu = proc_cpu_s(pg.proc.pid) - pg_cpu  # the collectors' backends have exited: counted
+    stored = sum(w.get("counters", {}).get("stored", 0) for w in workers)
+    commits = [tuple(c) for w in workers for c in w.get("commits", [])]
+    lat = np.array([x for w in workers for x in w.get("latencies_s", [])]) * 1000
+    run = {"collectors": n, "protocol": protocol, "phase": phase, "findings": count, "stored": stored,
+           "offered_per_s": round(fleet["offered_per_s"], 1), **steady(commits),
+           "batches": len(commits), "mean_batch": stored / max(len(commits), 1),
+           "share": [w.get("counters", {}).get("stored", 0) for w in workers],
+           # CPU per finding: what the load on a busy machine does not change much
+           "cpu_us_per_finding": {
+               "collectors": 1e6 * sum(w.get("cpu_s", 0) for w in workers) / count,
+               "postgres": 1e6 * pg_cpu / count, "mosquitto": 1e6 * broker_cpu / count,
+               "fleet_publisher": 1e6 * fleet.get("cpu_s", 0) / count},
+           "loadavg_before": [round(x, 2) for x in load]}
+    if len(lat):
+        run.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
+                   max_ms=float(lat.max()))
+    print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in run.items()}),
+          file=sys.stderr, flush=True)
+    return run
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from edge_hub.local_postgres import PgServer
 
     counts = [int(x) for x in str(args.collectors).split(",")]
+    protocols = str(args.protocol).split(",")
+    if set(protocols) - {"5", "3.1.1"}:
+        raise BenchError(f"--protocol: 5 and/or 3.1.1; got {args.protocol!r}")
     runs = []
     tmp = Path(tempfile.mkdtemp(prefix="edge-bench-hub-"))
     pg = PgServer(fsync=True).start()
     try:
+        phases = (("saturation", args.findings, 0.0), ("offered", int(args.rate * args.seconds), args.rate))
         for n in counts:
-            for phase, count, rate in (("saturation", args.findings, 0.0),
-                                       ("offered", int(args.rate * args.seconds), args.rate)):
-                hub = Hub(tmp, pg, n, args.batch_max, args.protocol)
-                load = os.getloadavg()
-                pg_cpu = proc_cpu_s(pg.proc.pid)
-                fleet = hub.fleet(count, rate, args.devices)
-                broker_cpu = proc_cpu_s(hub.broker.proc.pid)
-                workers = hub.finish(count)
-                pg_cpu = proc_cpu_s(pg.proc.pid) - pg_cpu  # the collectors' backends have exited: counted
-                stored = sum(w.get("counters", {}).get("stored", 0) for w in workers)
-                commits = [tuple(c) for w in workers for c in w.get("commits", [])]
-                lat = np.array([x for w in workers for x in w.get("latencies_s", [])]) * 1000
-                run = {"collectors": n, "phase": phase, "findings": count, "stored": stored,
-                       "offered_per_s": round(fleet["offered_per_s"], 1), **steady(commits),
-                       "batches": len(commits), "mean_batch": stored / max(len(commits), 1),
-                       "share": [w.get("counters", {}).get("stored", 0) for w in workers],
-                       # CPU per finding: what the load on a busy machine does not change much
-                       "cpu_us_per_finding": {
-                           "collectors": 1e6 * sum(w.get("cpu_s", 0) for w in workers) / count,
-                           "postgres": 1e6 * pg_cpu / count, "mosquitto": 1e6 * broker_cpu / count,
-                           "fleet_publisher": 1e6 * fleet.get("cpu_s", 0) / count},
-                       "loadavg_before": [round(x, 2) for x in load]}
-                if len(lat):
-                    run.update(p50_ms=float(np.percentile(lat, 50)), p99_ms=float(np.percentile(lat, 99)),
-                               max_ms=float(lat.max()))
-                print(json.dumps({k: (round(v, 1) if isinstance(v, float) else v) for k, v in run.items()}),
-                      file=sys.stderr, flush=True)
-                runs.append(run)
+            for protocol in protocols:  # interleaved, so both versions see about the same load
+                for phase, count, rate in phases:
+                    runs.append(one_run(tmp, pg, args, n, protocol, phase, count, rate))
     finally:
         pg.cleanup()
     import platform
@@ -249,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=10.0, help="offered-load phase: how long (10 s)")
     p.add_argument("--devices", type=int, default=50, help="simulated devices (MQTT clients) in the fleet (50)")
     p.add_argument("--batch-max", type=int, default=500, help="collector batch size at most (500)")
-    p.add_argument("--protocol", choices=["5", "3.1.1"], default="5", help="the collectors' MQTT version (5)")
+    p.add_argument("--protocol", default="5", help="the collectors' MQTT version: 5, 3.1.1 or both, 5,3.1.1 (5)")
     w = sub.add_parser("worker")
     w.add_argument("--port", type=int, required=True)
     w.add_argument("--db", required=True)
