@@ -56,9 +56,8 @@ from edge_runtime.config import MqttSection
 from edge_runtime.errors import ConfigError
 from edge_runtime.findings import DeviceIdentity, utc_now
 from edge_runtime.outbox import Outbox, OutboxError
-# Shared with the hub (edge_hub): re-exported here so existing imports keep working.
-from edge_runtime.transport import (BrokerTarget, backoff_delay, check_transport, is_loopback,  # noqa: F401
-                                    parse_broker_url)
+# Shared with the hub (edge_hub); `from edge_runtime.uplink import backoff_delay` keeps working.
+from edge_runtime.transport import backoff_delay, check_transport, parse_broker_url
 
 log = logging.getLogger("edge_runtime.uplink")
 
