@@ -113,7 +113,7 @@ class View:
 
 
 def run_demo(args, config: Config) -> int:
-    from edge_hub.collector import Collector
+    from edge_runtime.collector import Collector
     from edge_runtime.local_broker import LocalBroker, find_mosquitto, free_port
     from edge_runtime.service import Service
     from edge_runtime.sources.phantom import PhantomSpec
