@@ -491,9 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seconds", type=float, default=30.0, help="how long the daemon runs (default 30)")
     p.set_defaults(func=cmd_demo)
 
-    from edge_runtime.collector import add_parser as add_collect_parser  # hub side: `collect`
+    from edge_hub.cli import add_parsers as add_hub_parsers  # hub side: `collect`, `hub report|export`
 
-    add_collect_parser(sub)
+    add_hub_parsers(sub, common=lambda p: add_common_options(p, top=False))  # also on `hub report|export`
     from edge_runtime.pacs.commands import add_parser as add_pacs_parser  # `pacs refused|requeue`
 
     add_pacs_parser(sub)

@@ -41,7 +41,6 @@ as the last will and on a clean stop. Telemetry (outbox depth and uplink counter
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import random
@@ -50,20 +49,19 @@ import socket
 import ssl
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 from edge_runtime.config import MqttSection
 from edge_runtime.errors import ConfigError
 from edge_runtime.findings import DeviceIdentity, utc_now
 from edge_runtime.outbox import Outbox, OutboxError
+# Shared with the hub (edge_hub); `from edge_runtime.uplink import backoff_delay` keeps working.
+from edge_runtime.transport import backoff_delay, check_transport, parse_broker_url
 
 log = logging.getLogger("edge_runtime.uplink")
 
 NO_MATCHING_SUBSCRIBERS = 0x10
-SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True, "tls": True}
 _TOPIC_FORBIDDEN = set("/+#\x00")
 RECEIPT_GRACE_S = 2.0  # after a CONNACK: how long queued receipts may take to arrive before the re-send of the rest
 NET_EVENT_JITTER_S = 0.5  # after a network change: reconnect within this, spread, not at the same instant
@@ -71,68 +69,11 @@ NET_EVENT_JITTER_S = 0.5  # after a network change: reconnect within this, sprea
 _RTMGRP = 0x1 | 0x10 | 0x40 | 0x100 | 0x400
 
 
-@dataclass(frozen=True)
-class BrokerTarget:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str, where: str, key: str = "mqtt.broker") -> BrokerTarget:
-    """mqtt://host[:1883] | mqtts://host[:8883] (also tcp://, ssl://, tls://)."""
-    parts = urlsplit(url)
-    if parts.scheme not in SCHEMES or not parts.hostname:
-        raise ConfigError(where, f"key '{key}' must look like mqtts://host:8883 or mqtt://host:1883; got {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.username:
-        raise ConfigError(where, f"key '{key}' must be scheme://host:port only (credentials go in mqtt.username / "
-                                 f"mqtt.password_file); got {url!r}")
-    tls = SCHEMES[parts.scheme]
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError(where, f"key '{key}' has an invalid port; got {url!r}") from None
-    return BrokerTarget(parts.hostname, port, tls)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_transport(target: BrokerTarget, allow_insecure: bool, where: str, cert_files: dict[str, str],
-                    insecure_key: str = "mqtt.allow_insecure", url_key: str = "mqtt.broker") -> None:
-    """Plaintext only to loopback unless explicitly allowed; TLS files must exist and need TLS."""
-    if not target.tls:
-        given = [k for k, v in cert_files.items() if v]
-        if given:
-            raise ConfigError(where, f"key '{given[0]}' is set but '{url_key}' is plaintext; use mqtts://")
-        if not is_loopback(target.host) and not allow_insecure:
-            raise ConfigError(where, f"key '{url_key}' is plaintext MQTT to {target.host}, which would expose findings "
-                                     f"and credentials on the network; use mqtts:// or set {insecure_key} = true")
-    for key, value in cert_files.items():
-        if value and not Path(value).is_file():
-            raise ConfigError(where, f"key '{key}': no such file {value!r}")
-    key_file = cert_files.get("mqtt.key_file") or cert_files.get("key_file")
-    cert_file = cert_files.get("mqtt.cert_file") or cert_files.get("cert_file")
-    if key_file and not cert_file:
-        raise ConfigError(where, "a client key is set without a client certificate (mqtt.cert_file)")
-
-
 def topic_base(prefix: str, identity: DeviceIdentity, where: str) -> str:
     for key, value in (("device.site", identity.site), ("device.id", identity.device_id)):
         if not value or set(value) & _TOPIC_FORBIDDEN:
             raise ConfigError(where, f"key '{key}' = {value!r} cannot be an MQTT topic level (no '/', '+', '#', empty)")
     return f"{prefix.rstrip('/')}/{identity.site}/{identity.device_id}"
-
-
-def backoff_delay(attempt: int, lo: float, hi: float, rng: random.Random = random) -> float:  # type: ignore[assignment]
-    """Exponential backoff with equal jitter: in [d/2, d], d = min(hi, lo * 2**attempt)."""
-    d = min(hi, lo * (2 ** min(attempt, 30)))
-    return d / 2 + rng.random() * d / 2
 
 
 class NetworkWatch:

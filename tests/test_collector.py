@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from mqtt_helpers import REPO, Broker, assert_delivered, collected, fake_finding, mqtt_section, needs_mosquitto, wait_until
-from edge_runtime.collector import Collector, CollectorStore
+from edge_hub.collector import Collector, CollectorStore
 from edge_runtime.findings import DeviceIdentity, to_json
 from edge_runtime.outbox import Outbox
 from edge_runtime.uplink import Uplink
@@ -21,7 +21,8 @@ def test_store_is_idempotent_by_finding_id_and_counts_duplicates(tmp_path):
     topic = "edge/v1/site-a/dev-1/findings"
     assert store.store([(topic, to_json(a).encode()), (topic, to_json(b).encode())]) == (2, 0, 0)
     assert store.store([(topic, to_json(a).encode()), (topic, b"not json"), (topic, b'{"x": 1}')]) == (0, 1, 2)
-    assert store.counts() == {"stored": 2, "duplicates": 1, "rejected": 2}
+    assert store.counts() == {"stored": 2, "duplicates": 1, "rejected": 2, "feedback": 0, "feedback_duplicates": 0,
+                              "statuses": 0}
     store.close()
     rows = collected(tmp_path / "hub.sqlite")
     assert rows == [(a["finding_id"], "urgent", 1), (b["finding_id"], "routine", 0)]
@@ -114,9 +115,10 @@ def test_collector_rejects_a_malformed_shared_subscription(tmp_path):
 
 
 def test_receipt_topic_is_the_devices_own():
-    from edge_runtime.collector import receipt_topic
+    from edge_hub.collector import receipt_topic
 
     assert receipt_topic("edge/v1/site-a/dev-1/findings") == "edge/v1/site-a/dev-1/receipts"
+    assert receipt_topic("edge/v1/site-a/dev-1/feedback") == "edge/v1/site-a/dev-1/receipts"
     assert receipt_topic("edge/v1/site-a/dev-1/telemetry") is None
     assert receipt_topic("findings") is None
 
@@ -172,3 +174,13 @@ def test_collector_sends_each_device_a_receipt_for_what_it_committed(tmp_path, r
         cap.close()
         col.stop(2.0)
         broker.stop()
+
+
+def test_share_puts_every_topic_in_the_group_and_refuses_a_bad_name():
+    from edge_hub.collector import DEFAULT_TOPICS, shared
+    from edge_runtime.errors import ConfigError
+
+    assert shared(DEFAULT_TOPICS, "collectors") == [f"$share/collectors/{t}" for t in DEFAULT_TOPICS]
+    for bad in ("", "a/b", "a+", "#"):
+        with pytest.raises(ConfigError, match="--share"):
+            shared(DEFAULT_TOPICS, bad)

@@ -238,15 +238,15 @@ def test_broker_restarted_mid_stream(rig, persistence, receipts, monkeypatch):
     but not yet handed to the collector. A persistent broker keeps them; a volatile one loses them. Without receipts
     the device, told by CONNACK that its session is gone, sends the recent ones again; with receipts it re-sends
     every finding the hub has not confirmed, at the new connection. Either way nothing is lost."""
-    from edge_runtime.collector import CollectorStore
+    from edge_hub.collector import CollectorStore
 
-    store = CollectorStore.store
+    write = CollectorStore.write  # what the collector calls for each batch
 
-    def slow_store(self, messages, accepted=None):
+    def slow_write(self, rows):
         time.sleep(0.2)  # a hub on a slow SD card: about 100 findings/s against a stream of 300/s
-        return store(self, messages, accepted)
+        return write(self, rows)
 
-    monkeypatch.setattr(CollectorStore, "store", slow_store)
+    monkeypatch.setattr(CollectorStore, "write", slow_write)
     broker = rig.broker(persistence=persistence)
     db = rig.tmp / "collector.sqlite"
     col = rig.collector(broker.url, db)
