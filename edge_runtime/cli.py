@@ -90,10 +90,10 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
             inp = None
             try:
                 t_open = time.monotonic()
-                inp = decoder.open(path)
+                inp = decoder.open(path, predictor.decode_hint if config.imaging.reduced_decode else None)
                 for index in range(inp.n_frames):
                     captured = t_open if index == 0 else time.monotonic()
-                    pixels = inp.frame(index, manifest.windowing)
+                    pixels, decoded = inp.decoded(index, manifest.windowing)
                     frame = Frame(
                         pixels=pixels,
                         source_kind="file",
@@ -101,6 +101,7 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
                         captured_at=captured,
                         study=study_ref(inp, key, index),
                         pixel_spacing_mm=spacing if spacing is not None else inp.pixel_spacing_mm,
+                        decode=decoded,
                     )
                     frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
                     prediction = predictor.predict(frame)
