@@ -242,8 +242,10 @@ def main(argv: list[str]) -> int:
     import numpy  # noqa: F401
     import pydicom.pixels  # noqa: F401
 
-    from edge_runtime.imaging import inputs  # noqa: F401
+    from edge_runtime.imaging import inputs, openjpeg  # noqa: F401
     from edge_runtime.imaging.guard import DecodeLimits
+
+    openjpeg.available()  # libopenjp2 is mapped before the limit, like the other decoders
 
     cv2.setNumThreads(1)
     limit = limit_memory(memory_bytes)
