@@ -279,3 +279,17 @@ def test_infer_records_the_decode_path_and_can_be_switched_off(tmp_path):
     assert g["decode"]["path"] == "full" and g["decode"]["size"] == [1955, 1841]
     p_on, p_off = f["result"]["probabilities"]["pneumonia"], g["result"]["probabilities"]["pneumonia"]
     assert abs(p_on - p_off) <= MAX_PROB_DIFF
+
+
+@needs_shared
+@pytest.mark.parametrize("name", ["pylibjpeg-data/RG1_JLSN.dcm", "pylibjpeg-data/RG2_JLSL.dcm",
+                                  "pylibjpeg-data/RG2_JPLL.dcm", "pydicom-data/JPGLosslessP14SV1_1s_1f_8b.dcm"])
+def test_lossless_codec_route_gives_pydicoms_stored_values(name):
+    """CharLS / libjpeg-turbo stand in for GDCM before block averaging only because they decode the same values."""
+    image = DicomImage(DICOM_DIR / name)
+    fast = image._codec_frame(0)
+    assert fast is not None
+    ref = image.raw_frame(0)
+    assert fast.dtype == ref.dtype and np.array_equal(fast, ref)
+    _, info = image.decode_frame(0, "voi", CXR_HINT)
+    assert info.path.startswith("imagecodecs+block-average-")
