@@ -76,7 +76,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         decoded = None
         if args.image:  # as the study worker decodes it: reduced to what the model needs unless --full-decode
             pixels, spacing, modality, decoded = study_frame(manifest, args.image,
-                                                             None if args.full_decode else predictor.decode_hint)
+                                                             None if args.full_decode else predictor.decode_hint())
         else:
             pixels, spacing, modality = input_frame(manifest, args.image)
         x, _ = prepare(pixels, manifest.preprocess)

@@ -90,7 +90,8 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
             inp = None
             try:
                 t_open = time.monotonic()
-                inp = decoder.open(path, predictor.decode_hint if config.imaging.reduced_decode else None)
+                hint = predictor.decode_hint(config.imaging.reduced_decode_margin) if config.imaging.reduced_decode else None
+                inp = decoder.open(path, hint)
                 for index in range(inp.n_frames):
                     captured = t_open if index == 0 else time.monotonic()
                     pixels, decoded = inp.decoded(index, manifest.windowing)

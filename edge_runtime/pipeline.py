@@ -90,11 +90,10 @@ class Predictor:
         loaded = load_engine(kind, variant.path, manifest.input.shape, options or EngineOptions())
         return cls(manifest, variant, loaded)
 
-    @property
-    def decode_hint(self) -> DecodeHint:
-        """The smallest decode this model's preprocessing can use unchanged (from the manifest's input size): what
-        the callers hand the decoder when imaging.reduced_decode is on."""
-        return decode_hint(self.manifest.preprocess)
+    def decode_hint(self, margin: float = 2.0) -> DecodeHint:
+        """The smallest decode this model's preprocessing can use (from the manifest's input size; `margin`:
+        imaging.reduced_decode_margin): what the callers hand the decoder when imaging.reduced_decode is on."""
+        return decode_hint(self.manifest.preprocess, margin)
 
     def _check_features_output(self) -> None:
         """A variant without the features output (or of another width) cannot be gated: refuse it at load."""

@@ -504,7 +504,8 @@ class Service:
         """Commit a finding per frame; returns the last finding (None if all were committed before), the
         number of frames and the milliseconds the file took, for its log line."""
         t_open = time.monotonic()
-        hint = predictor.decode_hint if self.config.imaging.reduced_decode else None  # the model's size, not more
+        imaging = self.config.imaging  # decoded no larger than the model needs (imaging.resolution)
+        hint = predictor.decode_hint(imaging.reduced_decode_margin) if imaging.reduced_decode else None
         with self.decoder.open(item.path, hint) as inp:  # a decoder crash or hang costs this file only: InputError
             finding = self._study_frames(src, item, inp, predictor, budget_ms, progress, t_open)
             return finding, inp.n_frames, (time.monotonic() - t_open) * 1000.0

@@ -24,16 +24,20 @@ class DecodeHint:
     height: int
     width: int
     resize: str = "stretch"  # "stretch" | "letterbox" (imaging.preprocess.RESIZE_MODES)
+    # How many times the final resize's output the decode keeps on each side (imaging.reduced_decode_margin): 2 is
+    # the floor; more moves the model's input less (cxr-pneumonia: see BENCHMARKS.md) and saves less.
+    margin: float = 2.0
 
     def max_factor(self, rows: int, cols: int) -> float:
-        """The largest reduction factor k for which a rows x cols image shrunk by k keeps at least twice the final
-        resize's output on each side (stretch: the model input; letterbox: the aspect-kept inner image)."""
+        """The largest reduction factor k for which a rows x cols image shrunk by k keeps at least `margin` times the
+        final resize's output on each side (stretch: the model input; letterbox: the aspect-kept inner image)."""
         if rows <= 0 or cols <= 0 or self.height <= 0 or self.width <= 0:
             return 1.0
+        m = max(2.0, self.margin)
         if self.resize == "letterbox":
             scale = min(self.width / cols, self.height / rows)
-            return max(1.0, 1.0 / (2.0 * scale))
-        return max(1.0, min(rows / (2.0 * self.height), cols / (2.0 * self.width)))
+            return max(1.0, 1.0 / (m * scale))
+        return max(1.0, min(rows / (m * self.height), cols / (m * self.width)))
 
     def block_factor(self, rows: int, cols: int) -> int:
         """The integer block size to average by: the largest allowed, except that one which leaves the final
@@ -42,7 +46,7 @@ class DecodeHint:
         k_max = int(math.floor(self.max_factor(rows, cols) + 1e-9))
         if self.resize == "stretch":
             for k in range(k_max, 1, -1):
-                if rows % (k * self.height) == 0 and cols % (k * self.width) == 0:
+                if (rows // k) % self.height == 0 and (cols // k) % self.width == 0 and rows % k == 0 and cols % k == 0:
                     return k
         return k_max
 
@@ -59,7 +63,8 @@ class DecodeHint:
     def from_dict(cls, value: dict | None) -> DecodeHint | None:
         if not value:
             return None
-        return cls(int(value["height"]), int(value["width"]), str(value.get("resize", "stretch")))
+        return cls(int(value["height"]), int(value["width"]), str(value.get("resize", "stretch")),
+                   float(value.get("margin", 2.0)))
 
 
 @dataclass(frozen=True)
