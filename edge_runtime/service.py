@@ -123,6 +123,12 @@ class ModelRunner:
                 continue  # no such variant: nothing to step down to
             predictor = Predictor.load(registry, model, kind, precision, options)
             self.predictors[predictor.variant.id] = predictor
+        if not self.predictors and cfg.engine.precision != "fp32":
+            # e.g. int8 configured, but this model's INT8 variant is not shipped for this engine (refused by the
+            # speed guard there): run its FP32 rather than not at all, and say so
+            log.warning("%s: no %s variant for %s; running its fp32 variant", model, cfg.engine.precision, kind)
+            predictor = Predictor.load(registry, model, kind, "fp32", options)
+            self.predictors[predictor.variant.id] = predictor
         self.manifest = manifest
         self.order = list(self.predictors)  # configured precision first, faster fallbacks after
 

@@ -301,3 +301,20 @@ def test_jpegls_codec_route_gives_pydicoms_stored_values(name):
     assert fast.dtype == ref.dtype and np.array_equal(fast, ref)
     _, info = image.decode_frame(0, "voi", CXR_HINT)
     assert info.path.startswith("imagecodecs+block-average-")
+
+
+def test_int8_configured_where_the_model_has_none_runs_its_fp32(tmp_path, caplog):
+    """cxr-pneumonia's INT8 is shipped for OpenVINO only (refused on ONNX Runtime by the paced speed guard): a daemon
+    configured for int8 on ONNX Runtime still reads chest studies, with FP32, and says so."""
+    from types import SimpleNamespace
+
+    from edge_runtime.config import Config, DeviceSection, EngineSection
+    from edge_runtime.service import ModelRunner
+
+    config = Config(device=DeviceSection(id="t", site="s", state_dir=str(tmp_path)),
+                    engine=EngineSection(kind="onnxruntime", precision="int8", threads=1, warmup_runs=1))
+    service = SimpleNamespace(config=config, registry=ModelRegistry(), engine_kind="onnxruntime")
+    with caplog.at_level("WARNING", logger="edge_runtime.service"):
+        runner = ModelRunner(service, "cxr-pneumonia")
+    assert runner.order == ["fp32"]
+    assert "no int8 variant for onnxruntime; running its fp32 variant" in caplog.text
