@@ -36,17 +36,20 @@ def test_hint_comes_from_the_preprocessing_spec():
 def test_stretch_keeps_twice_the_model_input_on_each_side():
     hint = DecodeHint(128, 128)
     assert hint.max_factor(1955, 1841) == pytest.approx(1841 / 256)
-    assert hint.block_factor(1955, 1841) == 7  # 280 x 263 >= 256 x 256
-    assert hint.power_of_two_level(1955, 1841) == 2  # 1/4 = 489 x 461; 1/8 would be 245 x 231 < 256
+    assert hint.power_of_two_level(1955, 1841) == 2  # JPEG 2000 1/4 = 489 x 461; 1/8 would be 245 x 231 < 256
+    # box-filter routes keep 4x: 652 x 614 >= 512 x 512 (7, at 2x, moved RG1_UNCR's probability by 0.032)
+    assert hint.max_factor(1955, 1841, box=True) == pytest.approx(1841 / 512)
+    assert hint.block_factor(1955, 1841) == 3 and hint.power_of_two_level(1955, 1841, box=True) == 1
     assert hint.block_factor(480, 640) == 1 and hint.power_of_two_level(480, 640) == 0
-    # an integer ratio left for the final area resize is preferred: 1024x768 -> 128: 2 (exact), not 3
-    assert hint.block_factor(768, 1024) == 2
+    # an integer ratio left for the final area resize is preferred: 2048x1536 -> 128: 2 (exact), not 3
+    assert hint.block_factor(1536, 2048) == 2
+    assert DecodeHint(128, 128, margin=4.0).power_of_two_level(1955, 1841) == 1  # a larger margin keeps more
 
 
 def test_letterbox_counts_the_aspect_kept_inner_image():
     hint = DecodeHint(176, 256, "letterbox")
     assert hint.block_factor(540, 800) == 1  # HC18's own size: the inner image is 256 x 173, no room
-    assert hint.block_factor(1080, 1600) == 3  # 1600 / 3 = 533 >= 2 x 256
+    assert hint.block_factor(2160, 3200) == 3  # 3200 / 3 = 1067 >= 4 x 256
 
 
 def test_block_average_is_the_exact_block_mean_including_partial_edges():
@@ -110,7 +113,7 @@ def test_j2k_radiograph_decodes_at_a_resolution_level():
 @needs_shared
 def test_uncompressed_radiograph_is_block_averaged_from_the_pixel_data():
     pixels, info = DicomImage(DICOM_DIR / "pydicom-data" / "RG1_UNCR.dcm").decode_frame(0, "voi", CXR_HINT)
-    assert info.path == "strided-block-average-7" and pixels.shape == (280, 263)
+    assert info.path == "strided-block-average-3" and pixels.shape == (652, 614)
 
 
 @needs_shared
@@ -157,8 +160,8 @@ def fetal(registry) -> Predictor:
     return Predictor.load(registry, "fetal-head", "onnxruntime", "fp32", EngineOptions(threads=2, warmup_runs=1))
 
 
-def _predict(p: Predictor, path, reduced: bool, spacing=None, margin: float = 2.0):
-    inp = open_input(path, hint=p.decode_hint(margin) if reduced else None)
+def _predict(p: Predictor, path, reduced: bool, spacing=None):
+    inp = open_input(path, hint=p.decode_hint() if reduced else None)
     pixels, info = inp.decoded(0, p.manifest.windowing)
     frame = Frame(pixels, "file", str(path), pixel_spacing_mm=spacing or inp.pixel_spacing_mm, decode=info)
     return p.predict(frame).head.result, info
@@ -166,6 +169,17 @@ def _predict(p: Predictor, path, reduced: bool, spacing=None, margin: float = 2.
 
 def _prob(result: dict) -> float:
     return float(result["probabilities"]["pneumonia"])
+
+
+def _model_prob(p: Predictor, path, reduced: bool) -> tuple[float, DecodeInfo]:
+    """P(pneumonia) from the model and its head, whatever the scope gate would say (most shared radiographs are
+    refused by it without their header: the comparison is of the decode, not of the gate)."""
+    from edge_runtime.imaging.preprocess import prepare
+
+    pixels, info = open_input(path, hint=p.decode_hint() if reduced else None).decoded(0, p.manifest.windowing)
+    x, geometry = prepare(pixels, p.manifest.preprocess)
+    head = p.head(p.engine.run_all(x)[0], geometry=geometry, image_hw=pixels.shape[:2], pixel_spacing_mm=None)
+    return _prob(head.result), info
 
 
 def _radiographs() -> list:
@@ -180,46 +194,40 @@ def _radiographs() -> list:
 @pytest.mark.parametrize("name", _radiographs() or ["(shared data absent)"])
 def test_every_shared_radiograph_gives_the_same_probability_reduced(cxr, name):
     path = DICOM_DIR / name
-    full, full_info = _predict(cxr, path, reduced=False)
-    small, info = _predict(cxr, path, reduced=True)
+    p_full, full_info = _model_prob(cxr, path, reduced=False)
+    p_small, info = _model_prob(cxr, path, reduced=True)
     assert full_info.path == "full"
     assert info.reduced, f"{name}: not reduced ({info.reason})"
     assert min(info.size) >= 256
-    if full.get("assessed") and small.get("assessed"):
-        assert abs(_prob(full) - _prob(small)) <= MAX_PROB_DIFF, (name, info.path, _prob(full), _prob(small))
-    else:  # the scope gate must say the same about both
-        assert full.get("assessed") == small.get("assessed"), (name, full.get("reason"), small.get("reason"))
-
-
-# cxr-pneumonia moves by up to 0.065 under +-1 grey level of noise on its 128x128 input (measured on 201 validation
-# images re-encoded at 1120x1120): a 2x-margin reduced decode changes some input pixels by about that much.
-NOISE_FLOOR = 0.07
+    assert abs(p_full - p_small) <= MAX_PROB_DIFF, (name, info.path, p_full, p_small)
+    full, _ = _predict(cxr, path, reduced=False)  # and the content gate reads both alike
+    small, _ = _predict(cxr, path, reduced=True)
+    assert full.get("assessed") == small.get("assessed"), (name, full.get("reason"), small.get("reason"))
 
 
 @needs_shared
 def test_chest_jpegs_decoded_by_dct_scaling_give_the_same_probability(cxr, tmp_path):
     """The shared set is 224 x 224 (within 2x of a 128 input: decoded whole). Re-encoded at 1120 x 1120, libjpeg's DCT
-    scaling decodes 1/4 at the default 2x margin and 1/2 at 4x; at 4x the probability stays within 0.02 of the full
-    decode, at 2x within the model's own noise floor (the full validation split: BENCHMARKS.md)."""
+    scaling decodes them at 1/2 (560 x 560: a box-filter route keeps 4x the input), and the probability stays within
+    0.02 of the full decode (1/4 moved 4 of 201 by more; cxr-pneumonia moves by up to 0.065 under +-1 grey level of
+    input noise: BENCHMARKS.md)."""
     from quantize.datasets import cxr_items
 
     items = cxr_items(SHARED_DATA / "cxr-kermany", "val")
     sample = [items[i] for i in np.linspace(0, len(items) - 1, 16).round().astype(int)]
-    worst = {2.0: 0.0, 4.0: 0.0}
+    worst = 0.0
     for i, (path, _label) in enumerate(sample):
         img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
         big = cv2.resize(img, (1120, 1120), interpolation=cv2.INTER_CUBIC)
         target = tmp_path / f"chest{i}.jpeg"
         cv2.imwrite(str(target), big, [cv2.IMWRITE_JPEG_QUALITY, 95])
-        full, _ = _predict(cxr, target, reduced=False)
-        for margin, route, size in ((2.0, "jpeg-dct-1/4", (280, 280)), (4.0, "jpeg-dct-1/2", (560, 560))):
-            small, info = _predict(cxr, target, reduced=True, margin=margin)
-            assert info.path == route and info.size == size
-            worst[margin] = max(worst[margin], abs(_prob(full) - _prob(small)))
-        _, same = _predict(cxr, path, reduced=True)
+        p_full, _ = _model_prob(cxr, target, reduced=False)
+        p_small, info = _model_prob(cxr, target, reduced=True)
+        assert info.path == "jpeg-dct-1/2" and info.size == (560, 560)
+        worst = max(worst, abs(p_full - p_small))
+        _, same = _model_prob(cxr, path, reduced=True)
         assert same.path == "full"  # 224 x 224 itself: nothing to gain
-    assert worst[4.0] <= MAX_PROB_DIFF, worst
-    assert worst[2.0] <= NOISE_FLOOR, worst
+    assert worst <= MAX_PROB_DIFF
 
 
 def _hc(result: dict) -> float | None:
@@ -228,7 +236,7 @@ def _hc(result: dict) -> float | None:
 
 @needs_shared
 def test_fetal_circumference_is_unchanged_by_reduced_decoding(fetal, tmp_path):
-    """HC18 images are 800x540, already within 2x of the 256x176 input: decoded whole. Twice that size they are
+    """HC18 images are 800x540, already within 2x of the 256x176 input: decoded whole. Four times that size they are
     block-averaged by 3, and the circumference, mapped back to the full image's pixels and spacing, must agree."""
     from quantize.datasets import hc18_items
 
@@ -242,8 +250,8 @@ def test_fetal_circumference_is_unchanged_by_reduced_decoding(fetal, tmp_path):
         assert info.path == "full" and _hc(full) == _hc(small)
         img = cv2.imread(str(item.image), cv2.IMREAD_GRAYSCALE)
         big = tmp_path / f"hc{i}.png"
-        cv2.imwrite(str(big), cv2.resize(img, (1600, 1080), interpolation=cv2.INTER_CUBIC))
-        half = (item.pixel_size_mm / 2, item.pixel_size_mm / 2)
+        cv2.imwrite(str(big), cv2.resize(img, (3200, 2160), interpolation=cv2.INTER_CUBIC))
+        half = (item.pixel_size_mm / 4, item.pixel_size_mm / 4)
         full, _ = _predict(fetal, big, reduced=False, spacing=half)
         small, info = _predict(fetal, big, reduced=True, spacing=half)
         assert info.path == "block-average-3"
@@ -252,7 +260,7 @@ def test_fetal_circumference_is_unchanged_by_reduced_decoding(fetal, tmp_path):
             assert abs(_hc(full) - _hc(small)) <= MAX_HC_DIFF_MM, (item.image.name, _hc(full), _hc(small))
             cx_full = full["ellipse"]["center_px"]
             cx_small = small["ellipse"]["center_px"]
-            assert np.allclose(cx_full, cx_small, atol=3.0)  # in the full image's pixels, both
+            assert np.allclose(cx_full, cx_small, atol=6.0)  # in the full image's pixels, both
             compared += 1
     assert compared >= 4
 

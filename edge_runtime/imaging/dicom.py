@@ -47,7 +47,7 @@ from edge_runtime.imaging.guard import (
     jpeg_is_complete,
 )
 from edge_runtime.imaging.reasons import decode_failure, readable
-from edge_runtime.imaging.resolution import DecodeHint, DecodeInfo, block_average, reduced_size
+from edge_runtime.imaging.resolution import BOX_ROUTE_MARGIN, DecodeHint, DecodeInfo, block_average, reduced_size
 
 _JPEG_8_12 = (JPEGBaseline8Bit, JPEGExtended12Bit)
 _JPEG_FAMILY = frozenset({JPEGBaseline8Bit, JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1, JPEGLSLossless,
@@ -442,9 +442,10 @@ class DicomImage:
         if not 0 <= index < self.n_frames:
             raise InputError(self.name, f"frame {index} out of range (0..{self.n_frames - 1})")
         full = (m.rows, m.cols)
-        if hint.block_factor(m.rows, m.cols) < 2:
-            return None, DecodeInfo("full", 1, full, full, f"{m.rows}x{m.cols} is within 2x of the model input "
-                                                              f"({hint.height}x{hint.width}, {hint.resize})")
+        if hint.power_of_two_level(m.rows, m.cols, max_level=5) < 1 and hint.block_factor(m.rows, m.cols) < 2:
+            return None, DecodeInfo("full", 1, full, full, f"{m.rows}x{m.cols} is within {max(2.0, hint.margin):g}x "
+                                                              f"of the model input ({hint.height}x{hint.width}, "
+                                                              f"{hint.resize})")
         layout = (m.samples_per_pixel, m.photometric.upper())
         if layout[1] == "PALETTE COLOR":
             return None, DecodeInfo("full", 1, full, full, "PALETTE COLOR: indices cannot be averaged")
@@ -472,6 +473,9 @@ class DicomImage:
         # No cheaper decoder route: decode whole, then average the stored values (the display LUTs and the final
         # resize then run on the small image).
         k = hint.block_factor(m.rows, m.cols)
+        if k < 2:
+            return None, DecodeInfo("full", 1, full, full, info or f"{m.rows}x{m.cols} is within {BOX_ROUTE_MARGIN:g}x of "
+                                                                   "the model input for block averaging")
         raw, codec = self._codec_frame(index), "imagecodecs"
         if raw is None:
             raw, codec = self.raw_frame(index), ""
@@ -528,7 +532,9 @@ class DicomImage:
     def _dct_reduced(self, index: int, hint: DecodeHint):
         """libjpeg(-turbo) DCT scaling through OpenCV: the 8x8 blocks are inverse-transformed at 4x4, 2x2 or 1x1."""
         m = self.meta
-        level = hint.power_of_two_level(m.rows, m.cols, max_level=3)
+        level = hint.power_of_two_level(m.rows, m.cols, max_level=3, box=True)
+        if level < 1:
+            return None, f"{m.rows}x{m.cols} leaves no DCT scaling at {BOX_ROUTE_MARGIN:g}x the model input"
         flag = _CV_REDUCED[(m.samples_per_pixel, level)]
         arr = cv2.imdecode(np.frombuffer(self._frame_bytes(index), np.uint8), flag)
         want = reduced_size(m.rows, m.cols, 1 << level) + ((3,) if m.samples_per_pixel == 3 else ())
@@ -561,6 +567,8 @@ class DicomImage:
         if dtype.kind == "u" and m.bits_stored < m.bits_allocated:
             arr = arr & np.array((1 << m.bits_stored) - 1, dtype=dtype)
         k = hint.block_factor(m.rows, m.cols)
+        if k < 2:
+            return None, f"{m.rows}x{m.cols} is within {BOX_ROUTE_MARGIN:g}x of the model input for block averaging"
         small = block_average(arr.astype(dtype.newbyteorder("="), copy=False), k)
         return small, DecodeInfo(f"strided-block-average-{k}", k, small.shape[:2], (m.rows, m.cols))
 

@@ -11,7 +11,7 @@ from PIL import Image, UnidentifiedImageError
 from edge_runtime.errors import InputError
 from edge_runtime.imaging.guard import DecodeLimits, ImageHeader, check_image_peak, jpeg_is_complete, png_is_complete
 from edge_runtime.imaging.reasons import readable
-from edge_runtime.imaging.resolution import DecodeHint, DecodeInfo, block_average, reduced_size
+from edge_runtime.imaging.resolution import BOX_ROUTE_MARGIN, DecodeHint, DecodeInfo, block_average, reduced_size
 
 # libjpeg DCT scaling through OpenCV, by (gray?, log2 of the factor)
 _CV_REDUCED = {(True, 1): cv2.IMREAD_REDUCED_GRAYSCALE_2, (True, 2): cv2.IMREAD_REDUCED_GRAYSCALE_4,
@@ -52,7 +52,7 @@ def load_display_image(path: str | Path, max_pixel_bytes: int, limits: DecodeLim
 
 def _reduced_jpeg(path: Path, data: bytes, header: ImageHeader, hint: DecodeHint) -> tuple[np.ndarray | None, str]:
     """A JPEG decoded at 1/2, 1/4 or 1/8 by libjpeg's DCT scaling, or (None, why not)."""
-    level = hint.power_of_two_level(header.height, header.width, max_level=3)
+    level = hint.power_of_two_level(header.height, header.width, max_level=3, box=True)
     gray = header.channels == 1
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _CV_REDUCED[(gray, level)])
     want = reduced_size(header.height, header.width, 1 << level) + (() if gray else (3,))
@@ -78,11 +78,12 @@ def decode_display_image(path: str | Path, max_pixel_bytes: int, limits: DecodeL
     arr, info = None, None
     k = hint.block_factor(*full) if hint is not None else 1
     if hint is not None and k < 2:
-        info = DecodeInfo("full", 1, full, full, f"{full[0]}x{full[1]} is within 2x of the model input")
+        info = DecodeInfo("full", 1, full, full, f"{full[0]}x{full[1]} is within {BOX_ROUTE_MARGIN:g}x of the model "
+                                                 "input (the least a box-filter reduction keeps)")
     elif hint is not None and header.format == "JPEG" and header.sample_bytes == 1:
         arr, why = _reduced_jpeg(path, data, header, hint)
         if arr is not None:
-            f = 1 << hint.power_of_two_level(*full, max_level=3)
+            f = 1 << hint.power_of_two_level(*full, max_level=3, box=True)
             info = DecodeInfo(f"jpeg-dct-1/{f}", f, arr.shape[:2], full)
         else:
             info = DecodeInfo("full", 1, full, full, why)

@@ -17,6 +17,14 @@ import cv2
 import numpy as np
 
 
+# Box-filter routes (block averaging, JPEG DCT scaling) keep at least this many times the model input on each side,
+# whatever the configured margin: at 2x they moved cxr-pneumonia's P(pneumonia) by 0.032 on RG1_UNCR (block 7,
+# 280x263) and by up to 0.046 on chest JPEGs re-encoded at 1120 px (DCT 1/4); from 4x on, by at most 0.018 and 0.011
+# (BENCHMARKS.md). JPEG 2000 resolution levels (the wavelet's own low-pass) stay at the configured margin: 0.014 at
+# most on the shared radiographs at 1/4 (489x461).
+BOX_ROUTE_MARGIN = 4.0
+
+
 @dataclass(frozen=True)
 class DecodeHint:
     """The model input a decode is for: its size and how preprocessing fits an image to it."""
@@ -28,12 +36,13 @@ class DecodeHint:
     # the floor; more moves the model's input less (cxr-pneumonia: see BENCHMARKS.md) and saves less.
     margin: float = 2.0
 
-    def max_factor(self, rows: int, cols: int) -> float:
+    def max_factor(self, rows: int, cols: int, box: bool = False) -> float:
         """The largest reduction factor k for which a rows x cols image shrunk by k keeps at least `margin` times the
-        final resize's output on each side (stretch: the model input; letterbox: the aspect-kept inner image)."""
+        final resize's output on each side (stretch: the model input; letterbox: the aspect-kept inner image);
+        `box`: for a box-filter route, at least BOX_ROUTE_MARGIN times."""
         if rows <= 0 or cols <= 0 or self.height <= 0 or self.width <= 0:
             return 1.0
-        m = max(2.0, self.margin)
+        m = max(2.0, self.margin, BOX_ROUTE_MARGIN if box else 0.0)
         if self.resize == "letterbox":
             scale = min(self.width / cols, self.height / rows)
             return max(1.0, 1.0 / (m * scale))
@@ -43,16 +52,17 @@ class DecodeHint:
         """The integer block size to average by: the largest allowed, except that one which leaves the final
         stretch resize an integer ratio on both sides (1024x768 -> 128x128: 2, not 3) is preferred, because the
         area resize over whole blocks of blocks is the full-size result up to rounding."""
-        k_max = int(math.floor(self.max_factor(rows, cols) + 1e-9))
+        k_max = int(math.floor(self.max_factor(rows, cols, box=True) + 1e-9))
         if self.resize == "stretch":
             for k in range(k_max, 1, -1):
                 if (rows // k) % self.height == 0 and (cols // k) % self.width == 0 and rows % k == 0 and cols % k == 0:
                     return k
         return k_max
 
-    def power_of_two_level(self, rows: int, cols: int, max_level: int = 3) -> int:
-        """log2 of the largest power-of-two reduction allowed (JPEG 2000 levels, JPEG 1/2, 1/4, 1/8 scaling)."""
-        k = self.max_factor(rows, cols)
+    def power_of_two_level(self, rows: int, cols: int, max_level: int = 3, box: bool = False) -> int:
+        """log2 of the largest power-of-two reduction allowed (JPEG 2000 levels; JPEG 1/2, 1/4, 1/8 DCT scaling with
+        `box`)."""
+        k = self.max_factor(rows, cols, box)
         level = int(math.floor(math.log2(k) + 1e-9)) if k >= 2 else 0
         return max(0, min(level, max_level))
 
