@@ -326,3 +326,21 @@ def test_int8_configured_where_the_model_has_none_runs_its_fp32(tmp_path, caplog
         runner = ModelRunner(service, "cxr-pneumonia")
     assert runner.order == ["fp32"]
     assert "no int8 variant for onnxruntime; running its fp32 variant" in caplog.text
+
+
+@needs_shared
+@needs_openjpeg
+def test_the_decode_worker_carries_the_hint_and_logs_why_a_file_was_decoded_whole(caplog):
+    from edge_runtime.imaging.isolation import DecodePool
+
+    with DecodePool() as pool, caplog.at_level("DEBUG", logger="edge_runtime.decode"):
+        with pool.open(CR_CHEST, CXR_HINT) as inp:
+            pixels, info = inp.decoded(0, "voi")
+        assert info.path == "j2k-level-2" and pixels.shape == (489, 461)
+        with pool.open(CR_CHEST) as inp:  # no hint: the full image (display, overlays)
+            pixels, info = inp.decoded(0, "voi")
+        assert info.path == "full" and pixels.shape == (1955, 1841)
+        with pool.open(DICOM_DIR / "pydicom-data" / "OBXXXX1A.dcm", CXR_HINT) as inp:
+            _, info = inp.decoded(0, "voi")
+        assert info.path == "full"
+    assert "OBXXXX1A.dcm: decoded full (PALETTE COLOR: indices cannot be averaged)" in caplog.text

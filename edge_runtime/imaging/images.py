@@ -50,7 +50,7 @@ def load_display_image(path: str | Path, max_pixel_bytes: int, limits: DecodeLim
     return decode_display_image(path, max_pixel_bytes, limits)[0]
 
 
-def _reduced_jpeg(path: Path, data: bytes, header: ImageHeader, hint: DecodeHint) -> tuple[np.ndarray | None, str]:
+def _reduced_jpeg(data: bytes, header: ImageHeader, hint: DecodeHint) -> tuple[np.ndarray | None, str]:
     """A JPEG decoded at 1/2, 1/4 or 1/8 by libjpeg's DCT scaling, or (None, why not)."""
     level = hint.power_of_two_level(header.height, header.width, max_level=3, box=True)
     gray = header.channels == 1
@@ -81,7 +81,7 @@ def decode_display_image(path: str | Path, max_pixel_bytes: int, limits: DecodeL
         info = DecodeInfo("full", 1, full, full, f"{full[0]}x{full[1]} is within {BOX_ROUTE_MARGIN:g}x of the model "
                                                  "input (the least a box-filter reduction keeps)")
     elif hint is not None and header.format == "JPEG" and header.sample_bytes == 1:
-        arr, why = _reduced_jpeg(path, data, header, hint)
+        arr, why = _reduced_jpeg(data, header, hint)
         if arr is not None:
             f = 1 << hint.power_of_two_level(*full, max_level=3, box=True)
             info = DecodeInfo(f"jpeg-dct-1/{f}", f, arr.shape[:2], full)

@@ -298,8 +298,8 @@ class IsolatedInput:
             self._pool._lost(self._worker, exc)
             raise InputError(self.name, exc.reason) from None
         info = DecodeInfo.from_dict(reply["decode"]) if reply.get("decode") else DecodeInfo.full(shape)
-        if info.reason and self.hint is not None:
-            log.debug("%s: frame %d decoded %s: %s", self.name, index, info.path, info.reason)
+        if info.reason and self.hint is not None and index == 0:  # once per file, not per cine frame
+            log.debug("%s: decoded %s (%s)", self.name, info.path, info.reason)
         return np.frombuffer(pixels, dtype).reshape(shape), info
 
     def frames(self, windowing: str = "voi"):
