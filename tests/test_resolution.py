@@ -344,3 +344,15 @@ def test_the_decode_worker_carries_the_hint_and_logs_why_a_file_was_decoded_whol
             _, info = inp.decoded(0, "voi")
         assert info.path == "full"
     assert "OBXXXX1A.dcm: decoded full (PALETTE COLOR: indices cannot be averaged)" in caplog.text
+
+
+def test_check_refuses_a_margin_below_twice_the_input(tmp_path):
+    from edge_runtime.check import service_problems
+    from edge_runtime.config import Config, DeviceSection, ImagingSection, ServiceSection
+
+    config = Config(device=DeviceSection(id="t", site="s", state_dir=str(tmp_path)),
+                    service=ServiceSection(metrics_port=0), imaging=ImagingSection(reduced_decode_margin=1.5))
+    problems, _ = service_problems(config, None)
+    assert any(p.key == "imaging.reduced_decode_margin" and "at least 2" in p.problem for p in problems), problems
+    ok = Config(device=DeviceSection(id="t", site="s", state_dir=str(tmp_path)), service=ServiceSection(metrics_port=0))
+    assert not [p for p in service_problems(ok, None)[0] if p.key.startswith("imaging.")]
