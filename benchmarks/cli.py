@@ -22,7 +22,7 @@ from benchmarks.common import (CHECKOUT, CHEST_CR, CINE, DEFAULT_DATA, PROG, Ben
                                median_run, run_child, summarize)
 from benchmarks.report import evaluate_targets, markdown, plot, validate
 
-RUN_KINDS = ("engine", "overhead", "pipeline", "uplink", "decode", "startup", "contention")  # benchmark_app runs with engine
+RUN_KINDS = ("engine", "overhead", "pipeline", "uplink", "decode", "study", "startup", "contention")  # benchmark_app runs with engine
 
 
 @dataclass
@@ -409,6 +409,11 @@ def run_decode(s: Settings, run: Run) -> None:
                                             "frames_timed", "samples_per_pixel", "bits_stored", "photometric")}
         for k in ("open_ms", "decode_ms_per_frame", "display_ms_per_frame", "ms_per_frame", "ms_per_megapixel"):
             files[name][k] = summarize([f[k] for f in each])
+        reduced = [f["reduced"] for f in each if f.get("reduced") and "error" not in f["reduced"]]
+        if reduced:  # imaging.resolution: full vs reduced, each up to the model's input tensor
+            files[name]["reduced"] = {k: reduced[0][k] for k in ("model", "path", "decoded_size", "reason")}
+            for k in ("full_to_tensor_ms", "reduced_to_tensor_ms", "speedup"):
+                files[name]["reduced"][k] = summarize([r[k] for r in reduced])
     by_syntax: dict[str, list[dict[str, Any]]] = {}
     for f in files.values():
         if "error" not in f:
@@ -424,6 +429,23 @@ def run_decode(s: Settings, run: Run) -> None:
     table.sort(key=lambda d: d["median_file_ms_per_frame"])
     run.results["decode"] = {"folder": str(folder), "runs_per_process": s.decode_runs, "max_frames": s.decode_frames,
                              "files": files, "by_transfer_syntax": table}
+
+
+def run_study(s: Settings, run: Run) -> None:
+    """Radiographs file to committed finding through the daemon's study worker, reduced and full decode
+    (imaging.reduced_decode), once each: the copies inside a run are the repeats."""
+    folder = s.data / "dicom" if s.data else None
+    if folder is None or not folder.is_dir():
+        run.skipped.append({"kind": "study", "reason": "the shared DICOM folder (../shared/data/dicom) was not found"})
+        return
+    args = ["--dicom", str(folder), "--runs", "2" if s.quick else "7"] + (["--only", "RG1_J2KR"] if s.quick else [])
+    out = {}
+    for mode, extra in (("reduced", []), ("full", ["--full-decode"])):
+        res = run.child("study", args + extra, 900, f"radiographs, {mode} decode")
+        if res:
+            out[mode] = res
+    if out:
+        run.results["study"] = out
 
 
 def med_of(f: dict[str, Any], key: str) -> float:
@@ -452,7 +474,7 @@ def run_contention(s: Settings, run: Run) -> None:
 
 
 RUNNERS = {"engine": run_engine, "overhead": run_overhead, "pipeline": run_pipeline, "uplink": run_uplink,
-           "decode": run_decode, "startup": run_startup, "contention": run_contention}
+           "decode": run_decode, "study": run_study, "startup": run_startup, "contention": run_contention}
 
 
 # ------------------------------------------------------------------ main

@@ -49,6 +49,15 @@ def input_frame(manifest, image: str | None) -> tuple[np.ndarray, tuple[float, f
     return np.clip(img, 0, 255).astype(np.uint8), None, manifest.modality[0]
 
 
+def study_frame(manifest, image: str, hint):
+    """A file decoded the way the study worker decodes it (imaging.reduced_decode: `hint`, None = whole), with how."""
+    from edge_runtime.imaging.inputs import open_input
+
+    inp = open_input(image, hint=hint)
+    pixels, decoded = inp.decoded(0, manifest.windowing)
+    return pixels, inp.pixel_spacing_mm, inp.modality or manifest.modality[0], decoded
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     from edge_runtime.cli import engine_options, make_registry
     from edge_runtime.config import Config, DeviceSection, EngineSection
@@ -68,7 +77,12 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                      engine=EngineSection(kind=kind, precision=args.precision, threads=args.threads))
         predictor = Predictor.load(make_registry(cfg), args.model, kind, args.precision, engine_options(cfg, kind))
         manifest = predictor.manifest
-        pixels, spacing, modality = input_frame(manifest, args.image)
+        decoded = None
+        if args.image:  # as the study worker decodes it: reduced to what the model needs unless --full-decode
+            pixels, spacing, modality, decoded = study_frame(manifest, args.image,
+                                                             None if args.full_decode else predictor.decode_hint())
+        else:
+            pixels, spacing, modality = input_frame(manifest, args.image)
         x, _ = prepare(pixels, manifest.preprocess)
         identity = DeviceIdentity("bench", "bench")
         after = "exam_and_ring" if args.results == "exam" else "finding_and_commit"
@@ -91,7 +105,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
             def runtime_path(_: Any) -> None:
                 frame = Frame(pixels, "bench", "overhead", captured_at=time.monotonic(), pixel_spacing_mm=spacing,
-                              study=StudyRef(modality=modality, frame_index=next(index)))
+                              study=StudyRef(modality=modality, frame_index=next(index)), decode=decoded)
                 prediction = predictor.predict(frame)
                 t0 = time.perf_counter()
                 if args.results == "exam":
@@ -124,6 +138,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "input": args.image or ("phantom frame" if manifest.task == "segmentation" else "synthetic radiograph"),
         "input_shape": list(pixels.shape), "rounds": args.rounds, "warmup_rounds": args.warmup,
         "results": args.results, "exam_close_ms": exam_close_ms,
+        "decode": decoded.to_dict() if decoded is not None else None,
         "runtime_ms": latency_stats(lat["runtime"]), "bare_ms": latency_stats(lat["bare"]),
         "ratio_p50": ratio, "ratio_p50_ci95": [lo, hi],
         "stages_p50_ms": {k: float(np.median(v[-args.rounds:])) for k, v in stages.items()},
@@ -194,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", help="a DICOM/PNG/JPEG file as the decoded input (default: phantom or synthetic frame)")
     p.add_argument("--results", default="frame", choices=["frame", "exam"],
                    help="frame: a finding committed per frame; exam: per-frame results stay local (exam mode)")
+    p.add_argument("--full-decode", action="store_true", help="--image decoded whole (imaging.reduced_decode = false)")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--warmup", type=int, default=20)
     return p

@@ -340,6 +340,10 @@ def service_problems(config: Config, daemon_pid: int | None) -> tuple[list[Probl
         if getattr(imaging, key) <= 0:
             out.append(Problem(where, f"imaging.{key}", f"must be above 0; got {getattr(imaging, key)}",
                                "remove the key for its default"))
+    if imaging.reduced_decode_margin < 2:
+        out.append(Problem(where, "imaging.reduced_decode_margin", f"must be at least 2; got "
+                                                                   f"{imaging.reduced_decode_margin:g}",
+                           "2 keeps twice the model input on each side; remove the key for it"))
     if 0 < svc.stall_timeout_s <= imaging.decode_timeout_s:
         out.append(Problem(where, "imaging.decode_timeout_s", f"{imaging.decode_timeout_s:g} s is not under "
                                                               f"service.stall_timeout_s ({svc.stall_timeout_s:g} s): a "

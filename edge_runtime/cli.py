@@ -90,10 +90,11 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
             inp = None
             try:
                 t_open = time.monotonic()
-                inp = decoder.open(path)
+                hint = predictor.decode_hint(config.imaging.reduced_decode_margin) if config.imaging.reduced_decode else None
+                inp = decoder.open(path, hint)
                 for index in range(inp.n_frames):
                     captured = t_open if index == 0 else time.monotonic()
-                    pixels = inp.frame(index, manifest.windowing)
+                    pixels, decoded = inp.decoded(index, manifest.windowing)
                     frame = Frame(
                         pixels=pixels,
                         source_kind="file",
@@ -101,6 +102,7 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
                         captured_at=captured,
                         study=study_ref(inp, key, index),
                         pixel_spacing_mm=spacing if spacing is not None else inp.pixel_spacing_mm,
+                        decode=decoded,
                     )
                     frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
                     # --explain: every assessed finding; otherwise the daemon's rule (urgent or needs_review)

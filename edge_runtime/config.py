@@ -62,6 +62,8 @@ class ImagingSection:
     decode_timeout_s: float = 15.0  # one request (open a file, decode a frame); a hung decoder is killed after it
     # (kept under service.stall_timeout_s, or the watchdog restarts the daemon before the decoder is killed)
     decode_worker_memory_bytes: int = 1 << 30  # address space a decode worker may add to its start-up size
+    reduced_decode: bool = True  # decode files no larger than the model needs (imaging/resolution.py); false: whole
+    reduced_decode_margin: float = 2.0  # keep >= this x the model input per side (at least 2; more: closer to whole)
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,13 @@ def decoder_checks() -> list[dict[str, str]]:
             checks.append(_check(uid.name, "ok", ", ".join(plugins) if plugins else "built in"))
         else:
             checks.append(_check(uid.name, "warn", "no decoder plugin installed"))
+    from edge_runtime.imaging import openjpeg
+
+    if openjpeg.available():  # imaging.reduced_decode: JPEG 2000 at 1/2, 1/4, ... of its size
+        checks.append(_check("JPEG 2000 resolution levels", "ok", f"OpenJPEG {openjpeg.version()} (libopenjp2)"))
+    else:
+        checks.append(_check("JPEG 2000 resolution levels", "warn", "no libopenjp2: JPEG 2000 studies are decoded whole "
+                                                                     "(install libopenjp2-7)"))
     return checks
 
 

@@ -108,6 +108,7 @@ def build_finding(
         "latency_ms": latency,
         "budget_ms": budget_ms,
         "budget_met": capture_to_result_ms <= budget_ms,
+        **({"decode": frame.decode.to_dict()} if frame.decode is not None else {}),  # a file's frame: how decoded
     }
     if explanation is not None:  # issue 15: only on findings that need it (edge_runtime.explain), to keep the uplink small
         finding["explanation"] = explanation

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge_runtime.imaging.resolution import DecodeInfo
+
 
 @dataclass(frozen=True)
 class StudyRef:
@@ -31,6 +33,9 @@ class Frame:
     study: StudyRef = field(default_factory=StudyRef)
     pixel_spacing_mm: tuple[float, float] | None = None  # (row, column)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    # How a file's frame was decoded (imaging.resolution.DecodeInfo); None for live frames. A reduced decode's
+    # factor maps the model's outputs back onto the full image (pipeline.Predictor).
+    decode: DecodeInfo | None = None
 
     def add_timing(self, stage: str, ms: float) -> None:
         self.timings_ms[stage] = self.timings_ms.get(stage, 0.0) + ms

@@ -19,7 +19,8 @@ from edge_runtime.explain import ExplanationUnavailable, cam_explanation, segmen
 from edge_runtime.findings import ModelRef
 from edge_runtime.frames import Frame, Stopwatch
 from edge_runtime.heads import HeadResult, make_head
-from edge_runtime.imaging.preprocess import prepare
+from edge_runtime.imaging.preprocess import ResizeGeometry, decode_hint, prepare
+from edge_runtime.imaging.resolution import DecodeHint
 from edge_runtime.registry import ModelManifest, ModelRegistry, Variant, verify_variant
 from edge_runtime.scope import (ContentGate, ContentGateSpec, check_pixel_spacing, header_confirms, metadata_refusal,
                                 not_assessed)
@@ -38,6 +39,17 @@ def gate_spec(manifest: ModelManifest, variant: Variant) -> ContentGateSpec:
     if relaxed is not None:
         relaxed = relaxed * variant.scope_threshold / spec.threshold
     return replace(spec, threshold=variant.scope_threshold, header_confirmed_threshold=relaxed)
+
+
+def full_image_geometry(geometry: ResizeGeometry, frame: Frame) -> tuple[ResizeGeometry, tuple[int, int]]:
+    """The resize geometry and image size in the full image's pixels: a frame decoded at 1/f maps its pixel centre
+    x_dec to x_full + 0.5 = (x_dec + 0.5) * f, so contours, ellipses and millimetres (with the file's own pixel
+    spacing) stay those of the full image."""
+    info = frame.decode
+    if info is None or info.factor <= 1:
+        return geometry, frame.pixels.shape[:2]
+    f = float(info.factor)
+    return ResizeGeometry(geometry.scale_x / f, geometry.scale_y / f, geometry.pad_x, geometry.pad_y), info.full_size
 
 
 @dataclass
@@ -88,6 +100,11 @@ class Predictor:
         verify_variant(manifest, variant)
         loaded = load_engine(kind, variant.path, manifest.input.shape, options or EngineOptions())
         return cls(manifest, variant, loaded)
+
+    def decode_hint(self, margin: float = 2.0) -> DecodeHint:
+        """The smallest decode this model's preprocessing can use (from the manifest's input size; `margin`:
+        imaging.reduced_decode_margin): what the callers hand the decoder when imaging.reduced_decode is on."""
+        return decode_hint(self.manifest.preprocess, margin)
 
     def _check_features_output(self) -> None:
         """A variant without the features output (or of another width) cannot be gated: refuse it at load."""
@@ -164,8 +181,8 @@ class Predictor:
             score, refused = self.gate.refusal(outputs[1], header_confirms(self.manifest.scope, frame.study))
             if refused is not None:
                 return not_assessed(self.manifest.task, refused)
-        head = self.head(outputs[0], geometry=geometry, image_hw=frame.pixels.shape[:2],
-                         pixel_spacing_mm=frame.pixel_spacing_mm)
+        geometry, image_hw = full_image_geometry(geometry, frame)
+        head = self.head(outputs[0], geometry=geometry, image_hw=image_hw, pixel_spacing_mm=frame.pixel_spacing_mm)
         result = {"assessed": True, **head.result}
         if score is not None:  # the hub can watch it drift
             result["scope_distance"] = round(score, 1)

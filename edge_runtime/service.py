@@ -126,6 +126,12 @@ class ModelRunner:
                 continue  # no such variant: nothing to step down to
             predictor = Predictor.load(registry, model, kind, precision, options)
             self.predictors[predictor.variant.id] = predictor
+        if not self.predictors and cfg.engine.precision != "fp32":
+            # e.g. int8 configured, but this model's INT8 variant is not shipped for this engine (refused by the
+            # speed guard there): run its FP32 rather than not at all, and say so
+            log.warning("%s: no %s variant for %s; running its fp32 variant", model, cfg.engine.precision, kind)
+            predictor = Predictor.load(registry, model, kind, "fp32", options)
+            self.predictors[predictor.variant.id] = predictor
         self.manifest = manifest
         self.order = list(self.predictors)  # configured precision first, faster fallbacks after
 
@@ -670,7 +676,9 @@ class Service:
         """Commit a finding per frame; returns the last finding (None if all were committed before), the
         number of frames and the milliseconds the file took, for its log line."""
         t_open = time.monotonic()
-        with self.decoder.open(item.path) as inp:  # a decoder crash or hang costs this file only: InputError
+        imaging = self.config.imaging  # decoded no larger than the model needs (imaging.resolution)
+        hint = predictor.decode_hint(imaging.reduced_decode_margin) if imaging.reduced_decode else None
+        with self.decoder.open(item.path, hint) as inp:  # a decoder crash or hang costs this file only: InputError
             finding = self._study_frames(src, item, inp, predictor, budget_ms, progress, t_open)
             return finding, inp.n_frames, (time.monotonic() - t_open) * 1000.0
 
@@ -680,7 +688,7 @@ class Service:
         manifest = predictor.manifest
         finding = None
         inp.start_digest()
-        first = inp.frame(0, manifest.windowing)  # decoded while the file is hashed; wasted only on a duplicate
+        first = inp.decoded(0, manifest.windowing)  # decoded while the file is hashed; wasted only on a duplicate
         # The content digest is part of the item: a different image that reuses a SOP Instance UID gets its own
         # findings instead of vanishing as "already committed"; a byte-identical copy maps onto the same items.
         if inp.meta is not None and inp.meta.instance_uid:
@@ -708,14 +716,14 @@ class Service:
                 inp.modality, index, body_part=meta.body_part if meta else "",
                 view_position=meta.view_position if meta else "", photometric=meta.photometric if meta else "")
             try:
-                pixels = first if index == 0 else inp.frame(index, manifest.windowing)
+                pixels, decoded = first if index == 0 else inp.decoded(index, manifest.windowing)
             except InputError as exc:
                 if index:  # every frame before this one is committed by now
                     raise InputError(exc.subject, f"{exc.reason} (after {index} of {inp.n_frames} frames were "
                                                   "committed; their findings stand)") from None
                 raise
             frame = Frame(pixels, src.kind, item.path.name, captured_at=captured,
-                          study=study, pixel_spacing_mm=inp.pixel_spacing_mm)
+                          study=study, pixel_spacing_mm=inp.pixel_spacing_mm, decode=decoded)
             frame.add_timing("decode", (time.monotonic() - captured) * 1000.0)
             if manifest.task == "segmentation" and inp.n_frames == 1:
                 # A single-frame ultrasound study is its own key frame: its measurement carries the mask overlay

@@ -159,12 +159,20 @@ def variant_metrics(report: Report, variant: str, verdicts: list[Verdict], passe
             out[f"{e}_speedup_vs_fp32"] = base.p50_ms / r.p50_ms if r.p50_ms > 0 else None
             if r.p50_ratio_ci95[1] == r.p50_ratio_ci95[1]:
                 out[f"{e}_p50_ratio_vs_fp32_ci95"] = list(r.p50_ratio_ci95)
+            if report.paced_runs > 0:  # one study at a time: each call after an idle gap
+                out[f"{e}_paced_p50_ms"] = r.paced_p50_ms
+                out[f"{e}_fp32_paced_p50_ms"] = base.paced_p50_ms
+                if r.paced_p50_ratio_ci95[1] == r.paced_p50_ratio_ci95[1]:
+                    out[f"{e}_paced_p50_ratio_vs_fp32_ci95"] = list(r.paced_p50_ratio_ci95)
         v = next((v for v in verdicts if v.variant == variant and v.engine == e), None)
         if v is not None:
             out[f"{e}_guard"] = "passed" if v.passed else "refused: " + "; ".join(v.failures)
     out["latency"] = (f"p50/p90 of {report.runs} runs after warm-up, all candidates interleaved in one process, "
                       f"{report.threads} intra-op threads, batch 1, CPU; ORT spin-wait off; OpenVINO "
                       "INFERENCE_PRECISION_HINT f32 (FP32 baseline and INT8), PERFORMANCE_HINT LATENCY")
+    if report.paced_runs > 0:
+        out["latency_paced"] = (f"p50 of {report.paced_runs} calls each after {report.paced_gap_ms:g} ms idle, "
+                                "candidates interleaved; the speed guard requires the variant faster both ways")
     out["latency_cpu"] = cpu_description()
     return {k: v for k, v in out.items() if v is not None}
 
@@ -326,7 +334,7 @@ def _run_evaluation(args, manifest, variants) -> tuple[Report, list[Verdict]]:
     cands = candidates_for(manifest, variants, engines)
     _log(f"evaluate: {len(samples)} items ({label}); candidates: {', '.join(c.key for c in cands)}")
     report = evaluate(manifest, cands, samples, threads=args.threads, runs=args.runs, warmup=args.warmup,
-                      data_label=label, progress=_log)
+                      data_label=label, progress=_log, paced_runs=args.paced_runs, paced_gap_ms=args.paced_gap_ms)
     verdicts = check_all(report, _guard_config(args))
     print(format_report(report))
     return report, verdicts
@@ -467,6 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--engines", help="comma list of engines to evaluate on (default: onnxruntime,openvino)")
         p.add_argument("--runs", type=int, default=200, help="timed interleaved rounds (200)")
         p.add_argument("--warmup", type=int, default=20)
+        p.add_argument("--paced-runs", type=int, default=60,
+                       help="rounds timed with an idle gap before each call, as one-study-at-a-time use (60; 0 = off)")
+        p.add_argument("--paced-gap-ms", type=float, default=30.0, help="idle gap before each paced call (30 ms)")
         p.add_argument("--threads", type=int, default=2)
         p.add_argument("--limit", type=int, default=0, help="evaluate a stratified sample of N val items (0 = all)")
         p.add_argument("--eval-data", type=Path, help="labelled folder to evaluate on instead of the val split")

@@ -192,17 +192,19 @@ class _Server:
             import dataclasses
 
             from edge_runtime.imaging.inputs import open_input
+            from edge_runtime.imaging.resolution import DecodeHint
 
             self.inp = None  # the previous file's buffers go before the next one is read
-            inp = open_input(request["path"], limits=self.limits)
+            inp = open_input(request["path"], limits=self.limits, hint=DecodeHint.from_dict(request.get("hint")))
             self.inp = inp
             meta = dataclasses.asdict(inp.meta) if inp.meta is not None else None
             return {"kind": inp.kind, "n_frames": inp.n_frames, "meta": meta}, None
         if op == "frame":
             if self.inp is None:
                 raise RuntimeError("no file open")
-            arr = np.ascontiguousarray(self.inp.frame(int(request["index"]), request["windowing"]))
-            return {"shape": list(arr.shape), "dtype": arr.dtype.str}, arr
+            arr, info = self.inp.decoded(int(request["index"]), request["windowing"])
+            arr = np.ascontiguousarray(arr)
+            return {"shape": list(arr.shape), "dtype": arr.dtype.str, "decode": info.to_dict()}, arr
         if op == "stats":
             return {"peak_rss_bytes": _vm_bytes("VmHWM"), "rss_bytes": _vm_bytes("VmRSS")}, None
         raise RuntimeError(f"unknown request {op!r}")
@@ -240,8 +242,10 @@ def main(argv: list[str]) -> int:
     import numpy  # noqa: F401
     import pydicom.pixels  # noqa: F401
 
-    from edge_runtime.imaging import inputs  # noqa: F401
+    from edge_runtime.imaging import inputs, openjpeg  # noqa: F401
     from edge_runtime.imaging.guard import DecodeLimits
+
+    openjpeg.available()  # libopenjp2 is mapped before the limit, like the other decoders
 
     cv2.setNumThreads(1)
     limit = limit_memory(memory_bytes)

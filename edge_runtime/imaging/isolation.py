@@ -32,6 +32,7 @@ from edge_runtime.imaging.decode_worker import THREAD_ENV, FrameBuffer
 from edge_runtime.imaging.dicom import DicomMeta
 from edge_runtime.imaging.guard import DecodeLimits
 from edge_runtime.imaging.inputs import sniff
+from edge_runtime.imaging.resolution import DecodeHint, DecodeInfo
 from edge_runtime.imaging.reasons import first_line
 from edge_runtime.registry import sha256_file
 
@@ -231,8 +232,10 @@ def _decoder_name(kind: str, meta: DicomMeta | None) -> str:
 class IsolatedInput:
     """A file opened in a decode worker: the interface of InputImage, frames fetched one by one."""
 
-    def __init__(self, pool: DecodePool, worker: DecodeWorker, name: str, reply: dict, path: Path) -> None:
+    def __init__(self, pool: DecodePool, worker: DecodeWorker, name: str, reply: dict, path: Path,
+                 hint: DecodeHint | None = None) -> None:
         self._pool, self._worker = pool, worker
+        self.hint = hint
         self.name = name
         self.path = path
         self.kind: str = reply["kind"]
@@ -275,6 +278,11 @@ class IsolatedInput:
         return self.meta.pixel_spacing_mm if self.meta else None
 
     def frame(self, index: int, windowing: str = "voi") -> np.ndarray:
+        return self.decoded(index, windowing)[0]
+
+    def decoded(self, index: int, windowing: str = "voi") -> tuple[np.ndarray, DecodeInfo]:
+        """One display frame at the size the file was opened for (DecodePool.open's hint), and how it was decoded;
+        a reduction that did not happen says why in the debug log."""
         if self._worker is None:
             raise InputError(self.name, "decode worker already released")
         what = f"decoding frame {index} with {self.decoder}"
@@ -289,7 +297,10 @@ class IsolatedInput:
         except WorkerLost as exc:
             self._pool._lost(self._worker, exc)
             raise InputError(self.name, exc.reason) from None
-        return np.frombuffer(pixels, dtype).reshape(shape)
+        info = DecodeInfo.from_dict(reply["decode"]) if reply.get("decode") else DecodeInfo.full(shape)
+        if info.reason and self.hint is not None and index == 0:  # once per file, not per cine frame
+            log.debug("%s: decoded %s (%s)", self.name, info.path, info.reason)
+        return np.frombuffer(pixels, dtype).reshape(shape), info
 
     def frames(self, windowing: str = "voi"):
         for i in range(self.n_frames):
@@ -348,20 +359,23 @@ class DecodePool:
         self._all.append(worker)
         return worker
 
-    def open(self, path: str | Path) -> IsolatedInput:
-        """Open a file in a worker; InputError with a readable reason for anything wrong with the file."""
+    def open(self, path: str | Path, hint: DecodeHint | None = None) -> IsolatedInput:
+        """Open a file in a worker; InputError with a readable reason for anything wrong with the file. `hint`: the
+        model input its frames are for (imaging.resolution); None decodes them whole (display, overlays)."""
         name = str(path)
         kind = sniff(Path(path))  # cheap and in-process: a non-image never reaches a worker
         self.start()
         worker = self._idle.get()
         try:
-            reply = self._call(worker, {"op": "open", "path": str(Path(path).resolve())}, name,
-                               f"opening it as {kind.upper()}")
+            request = {"op": "open", "path": str(Path(path).resolve())}
+            if hint is not None:
+                request["hint"] = hint.to_dict()
+            reply = self._call(worker, request, name, f"opening it as {kind.upper()}")
         except BaseException:
             self._release(worker)
             raise
         self.counts["files"] += 1
-        return IsolatedInput(self, worker, name, reply, Path(path))
+        return IsolatedInput(self, worker, name, reply, Path(path), hint)
 
     def _call(self, worker: DecodeWorker, message: dict, name: str, what: str) -> dict:
         try:

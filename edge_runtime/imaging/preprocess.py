@@ -101,3 +101,11 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Resize
     std = np.asarray(spec.std, dtype=np.float32).reshape(-1, 1, 1)
     x = (x - mean) / std
     return np.ascontiguousarray(x[None], dtype=np.float32), geometry
+
+
+def decode_hint(spec: PreprocessSpec, margin: float = 2.0):
+    """What a decoder may shrink an image to for this model: at least `margin` (>= 2) times the final resize's
+    output on each side (imaging.resolution.DecodeHint)."""
+    from edge_runtime.imaging.resolution import DecodeHint
+
+    return DecodeHint(spec.height, spec.width, spec.resize, margin)
