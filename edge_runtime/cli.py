@@ -32,7 +32,8 @@ def error_line(exc: BaseException) -> None:
 def make_registry(config: Config) -> ModelRegistry:
     from edge_runtime.registry import bundled_models_dir
 
-    roots = [Path(p) for p in config.models.paths] + [bundled_models_dir()]
+    # Versions installed from bundles (edge_runtime/ota) come first: they are what the hub rolled out.
+    roots = [config.state_dir / "models" / "active"] + [Path(p) for p in config.models.paths] + [bundled_models_dir()]
     return ModelRegistry(roots, Path(config.models.public_key) if config.models.public_key else None)
 
 
@@ -130,6 +131,10 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
 
 # ---------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    if args.action != "list":  # model updates: edge_runtime/ota
+        from edge_runtime.ota.commands import run
+
+        return run(args, config, lambda kind: engine_options(config, kind))
     registry = make_registry(config)
     rows = []
     status = 0
@@ -416,9 +421,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("models", help="installed models")
-    p.add_argument("action", nargs="?", choices=["list"], default="list")
+    from edge_runtime.ota.commands import ACTIONS, add_arguments as add_models_arguments
+
+    p = sub.add_parser("models", help="installed models; signed bundles: pack, verify, install, rollback, status",
+                       description="list: the models the registry finds. pack FOLDER --key K --out B: a signed "
+                                   "bundle; verify B; install B (self-test, atomic activation); rollback NAME; "
+                                   "status: installed/active/previous versions; keygen --key K --out PUB; publish B "
+                                   "(hub side, MQTT).")
+    p.add_argument("action", nargs="?", choices=["list", *ACTIONS], default="list")
     p.add_argument("--json", action="store_true")
+    add_models_arguments(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("doctor", help="check engines, devices, decoders and model integrity",

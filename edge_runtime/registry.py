@@ -386,11 +386,17 @@ class ModelRegistry:
             if not root.is_dir():
                 continue
             for manifest in sorted(root.glob(f"*/{MANIFEST}")):
-                found.setdefault(manifest.parent.name, manifest.parent)
+                # Resolved: an installed version is a link (state dir models/active/<name>), and a manifest
+                # read must keep naming that version's files after the link is switched to another.
+                found.setdefault(manifest.parent.name, manifest.parent.resolve())
         return found
 
     def names(self) -> list[str]:
         return sorted(self.folders())
+
+    def forget(self, name: str) -> None:
+        """Drop a cached manifest: the next get() reads the model folder again (after an install or rollback)."""
+        self._cache.pop(name, None)
 
     def get(self, name: str) -> ModelManifest:
         if name in self._cache:

@@ -1,0 +1,55 @@
+"""Building the OTA parts from a Config (used by the CLI and the service; nothing here imports cli)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from edge_runtime.config import Config
+from edge_runtime.engines import EngineOptions, resolve_auto
+from edge_runtime.findings import DeviceIdentity
+from edge_runtime.ota.chunks import Receiver
+from edge_runtime.ota.health import HealthRule, HealthWatch
+from edge_runtime.ota.install import Installer, manifest_sha, targets_for
+from edge_runtime.ota.store import ModelStore
+from edge_runtime.registry import MANIFEST, ModelRegistry, bundled_models_dir, parse_manifest
+
+
+def public_key(config: Config) -> Path | None:
+    return Path(config.models.public_key) if config.models.public_key else None
+
+
+def baseline_for(config: Config) -> Callable[[str], "tuple[str, str] | None"]:
+    """What runs for a model when no installed version is active: models.paths, then the bundled models.
+    Read without the signature check (only its version and manifest hash are wanted)."""
+    roots = [Path(p) for p in config.models.paths] + [bundled_models_dir()]
+    registry = ModelRegistry(roots)
+
+    def baseline(name: str) -> tuple[str, str] | None:
+        folder = registry.folders().get(name)
+        if folder is None:
+            return None
+        try:
+            return parse_manifest(folder / MANIFEST).version, manifest_sha(folder)
+        except Exception:  # noqa: BLE001 - an unreadable shipped manifest simply is no baseline
+            return None
+
+    return baseline
+
+
+def installer_from_config(config: Config, options_for: Callable[[str], EngineOptions]) -> Installer:
+    kind = resolve_auto() if config.engine.kind == "auto" else config.engine.kind
+    return Installer(ModelStore(config.state_dir), public_key=public_key(config),
+                     targets=targets_for(kind, config.engine.precision), options_for=options_for,
+                     baseline=baseline_for(config), max_bytes=config.models.max_bundle_bytes)
+
+
+def agent_from_config(config: Config, identity: DeviceIdentity, options_for: Callable[[str], EngineOptions]):
+    from edge_runtime.ota.agent import OtaAgent
+
+    installer = installer_from_config(config, options_for)
+    m = config.models
+    health = HealthWatch(HealthRule(m.health_window_s, m.health_max_errors, m.health_min_frames,
+                                    m.health_max_unassessed_increase))
+    receiver = Receiver(installer.store.incoming_dir, m.max_bundle_bytes, m.incoming_ttl_s)
+    return OtaAgent(installer.store, installer, receiver, health, identity, config.mqtt.topic_prefix,
+                    installer.baseline)
