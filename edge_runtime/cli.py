@@ -302,6 +302,9 @@ def status_report(url: str) -> dict:
                         "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0),
                         "errors": errors.get(n, 0.0), "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
+        "model_updates": {labels["model"]: {k: labels.get(k, "") for k in ("active", "previous", "installed", "result",
+                                                                           "version", "reason")}
+                          for labels, _ in s.get("edge_model_update_info", [])},
     }
 
 
@@ -356,6 +359,9 @@ def render_status(report: dict) -> list[str]:
                                     "switches"])
         lines.append("p50/p99: " + ("histogram estimates (bucket interpolation)" if estimated else
                                     "exact, over each model's recent findings"))
+    for name, u in report.get("model_updates", {}).items():
+        lines.append(f"model {name}: active {u['active'] or '-'}, previous {u['previous'] or '-'}, installed "
+                     f"{u['installed'] or '-'}; last {u['result'] or '-'} {u['version']}: {u['reason'] or '-'}")
     return lines
 
 

@@ -50,6 +50,23 @@ class VerifiedBundle:
     files: dict[str, str]  # path inside <name>/ -> sha256 (manifest.toml and its signature excluded)
     signed: bool  # False only for a local install with no public key to check against
     size: int
+    content_id: str = ""  # what "the same version with the same contents" compares (content_id())
+
+
+def content_id(manifest_text: str, files: dict[str, str]) -> str:
+    """The model's contents without what packing adds (pack time, vectors, signature): two packs of one folder,
+    or a bundle and the shipped folder it was made from, have the same id."""
+    import json
+
+    base = manifest_text[: manifest_text.index(MARKER)] if MARKER in manifest_text else manifest_text
+    kept = sorted((p, h) for p, h in files.items() if p not in (SELFTEST_FILE, MANIFEST, SIGNATURE))
+    return sha256_bytes(json.dumps([base.rstrip("\n"), kept]).encode("utf-8"))
+
+
+def folder_content_id(folder: Path) -> str:
+    folder = Path(folder)
+    files = {rel: _hash_file(folder / rel) for rel in folder_files(folder)}
+    return content_id((folder / MANIFEST).read_text(encoding="utf-8"), files)
 
 
 # ---------------------------------------------------------------- keys and signatures
@@ -202,8 +219,8 @@ def pack(folder: Path, key_path: Path, out: Path, *, vectors: bytes | None = Non
         os.unlink(tmp.name)
         raise BundleError(str(folder), f"the bundle would be {size} bytes, over the cap of {max_bytes} bytes")
     os.replace(tmp.name, out)
-    files.pop(MANIFEST, None)
-    return VerifiedBundle(out, manifest.name, manifest.version, sha256_bytes(data), files, True, size)
+    return VerifiedBundle(out, manifest.name, manifest.version, sha256_bytes(data), files, True, size,
+                          content_id(text, files))
 
 
 def parse_manifest_text_check(text: str, where: str) -> None:
@@ -329,7 +346,8 @@ def verify(path: Path, public_key: Path | None, *, max_bytes: int = DEFAULT_MAX_
     missing = sorted(set(expected) - set(hashes))
     if missing:
         raise BundleError(where, f"file {missing[0]} is listed in the manifest but missing from the tar")
-    return VerifiedBundle(path, name, version, sha256_bytes(manifest_bytes), hashes, key is not None, size)
+    return VerifiedBundle(path, name, version, sha256_bytes(manifest_bytes), hashes, key is not None, size,
+                          content_id(manifest_bytes.decode("utf-8"), hashes))
 
 
 def unpack(bundle: VerifiedBundle, dest: Path) -> None:

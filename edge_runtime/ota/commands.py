@@ -35,7 +35,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: Config, options_for: Callable[[str], EngineOptions]) -> int:
+    import logging
+
     action = args.action
+    if not getattr(args, "verbose", 0):  # the command prints the one line itself; -v shows the steps
+        logging.getLogger("edge_runtime.ota").setLevel(logging.CRITICAL)
     if action not in ("status", "keygen") and not args.target:
         raise EdgeError(f"models {action}", "needs a FOLDER, BUNDLE or NAME argument")
     return {"pack": _pack, "verify": _verify, "install": _install, "rollback": _rollback, "status": _status,

@@ -14,7 +14,6 @@ old signed bundle); the same version with the same contents is 'unchanged'.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,8 @@ def halt_point(step: str) -> None:
 
 
 def manifest_sha(folder: Path) -> str:
-    return hashlib.sha256((Path(folder) / MANIFEST).read_bytes()).hexdigest()
+    """The ledger's identity of a version's contents (bundle.content_id: packing details left out)."""
+    return bundles.folder_content_id(Path(folder))
 
 
 @dataclass
@@ -159,6 +159,7 @@ class Installer:
                 raise bundles.BundleError(meta.get("source", "bundle"), "cannot read the bundle file")
             self._step(job, meta, "verifying")
             vb = bundles.verify(path, self.public_key, max_bytes=self.max_bytes)
+            meta["name"], meta["version"] = vb.name, vb.version
             if not vb.signed:
                 log.warning("models: %s %s: signature not checked (no models.public_key configured); file hashes "
                             "checked only", vb.name, vb.version)
@@ -184,7 +185,7 @@ class Installer:
                 self.store.add_version(vb.name, vb.version, staging)
                 staging = None
                 base = self.baseline(vb.name)
-                st = self.store.activate(vb.name, vb.version, vb.manifest_sha256, base[0] if base else None)
+                st = self.store.activate(vb.name, vb.version, vb.content_id, base[0] if base else None)
                 reason = "self-test passed: " + result.summary() + ("" if vb.signed else "; signature NOT checked "
                                                                    "(no public key)")
                 if resumed:
@@ -195,8 +196,9 @@ class Installer:
 
             failed = isinstance(exc, SelfTestError)
             name, version = meta.get("name"), meta.get("version")
-            outcome = Outcome("failed" if failed else "refused", str(exc) if not failed else exc.reason, name,
-                              version, meta.get("step", ""))
+            source = Path(meta.get("source", "bundle")).name  # the file the technician or hub gave, not our copy
+            reason = exc.reason if failed else f"{source}: {exc.reason}"
+            outcome = Outcome("failed" if failed else "refused", reason, name, version, meta.get("step", ""))
         except OSError as exc:
             outcome = Outcome("failed", f"I/O error: {exc}", meta.get("name"), meta.get("version"),
                               meta.get("step", ""))
@@ -218,14 +220,15 @@ class Installer:
         known = dict(st.versions)
         if base is not None:
             known.setdefault(base[0], base[1])
-        if vb.version in known and known[vb.version] != vb.manifest_sha256:
+        if vb.version in known and known[vb.version] != vb.content_id:
             raise bundles.BundleError(where, f"{vb.name} {vb.version} was installed before with other contents; a "
                                              "version may not change: give the new contents a new version")
         running = st.active or (base[0] if base else None)
-        if running == vb.version:
+        if st.active == vb.version:  # the shipped version itself may be installed: its signed copy then runs
             return Outcome("unchanged", f"{vb.version} is already the active version", vb.name, vb.version,
                            "verifying", st.previous)
         if running is not None and version_key(vb.version) < version_key(running) and not allow_downgrade:
+            # (the same version as the shipped one is no downgrade: installing its signed copy is provisioning)
             raise bundles.BundleError(where, f"downgrade refused: {vb.name} {vb.version} is older than the running "
                                              f"{running} (a technician may pass --allow-downgrade to a local install)")
         return None

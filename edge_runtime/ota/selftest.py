@@ -1,7 +1,7 @@
 """Self-test vectors: made at pack time, checked on the device before a version is activated.
 
-The vectors are fixed inputs (already preprocessed tensors of the manifest's input shape: a flat grey, a
-gradient and seeded noise, each in the model's normalised range) and, for every variant, every output the
+The vectors are fixed inputs (already preprocessed tensors of the manifest's input shape: dark and bright flats,
+a gradient and seeded noise, each in the model's normalised range) and, for every variant, every output the
 variant gives on them on its reference engine (ONNX Runtime for .onnx files, OpenVINO for IR), computed in f32
 on the CPU. On the device, each (engine, precision) the daemon will run is loaded with the daemon's own engine
 options (its devices, threads, OpenVINO precision hint) and must reproduce them within the manifest's
@@ -25,7 +25,7 @@ from edge_runtime.registry import ModelManifest, verify_variant
 # INT8 moves logits (OpenVINO running ORT's QDQ graph: up to 0.12 logit on cxr-pneumonia, see its card), FP32
 # engines agree to ~1e-5 in f32 (a bf16 device: ~1e-3).
 DEFAULT_TOLERANCES = {"fp32": (2e-3, 1e-3), "fp16": (2e-2, 1e-2), "int8": (0.3, 0.05)}
-VECTORS = 3
+VECTORS = 4
 SEED = 20261203
 
 
@@ -45,7 +45,9 @@ def make_inputs(manifest: ModelManifest, count: int = VECTORS, seed: int = SEED)
     """Pixel-range images in [0, 1] normalised as the runtime's preprocessing does (mean/std per channel)."""
     n, c, h, w = manifest.input.shape
     rng = np.random.default_rng(seed)
-    images = [np.full((h, w), 0.5, np.float32), np.tile(np.linspace(0, 1, w, dtype=np.float32), (h, 1))]
+    # dark and bright flats, a gradient, then noise: outputs across the model's range, not all near one point
+    images = [np.full((h, w), 0.2, np.float32), np.full((h, w), 0.8, np.float32),
+              np.tile(np.linspace(0, 1, w, dtype=np.float32), (h, 1))]
     while len(images) < count:
         images.append(rng.random((h, w), dtype=np.float32))
     mean = np.asarray(manifest.preprocess.mean, np.float32).reshape(1, -1, 1, 1)

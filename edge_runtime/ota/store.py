@@ -20,7 +20,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,10 +75,18 @@ class ModelState:
     rolled_back: list[str]  # versions refused for good on this device
     last: dict[str, Any]  # {"result", "version", "reason", "step", "at"}
     history: list[dict[str, Any]]
+    stack: list[str] = field(default_factory=list)  # versions activated in turn (BUNDLED first), still on disk
 
     def to_dict(self) -> dict[str, Any]:
         return {"active": self.active, "previous": self.previous, "versions": self.versions,
-                "rolled_back": self.rolled_back, "last": self.last, "history": self.history}
+                "rolled_back": self.rolled_back, "last": self.last, "history": self.history, "stack": self.stack}
+
+    def push(self, version: str, before: str | None) -> None:
+        if not self.stack and before is not None:
+            self.stack.append(before)
+        self.stack = [v for v in self.stack if v != version] + [version]
+        self.active = version
+        self.previous = self.stack[-2] if len(self.stack) > 1 else None
 
 
 class ModelStore:
@@ -129,7 +137,8 @@ class ModelStore:
         except (OSError, ValueError) as exc:
             raise StoreError(str(path), f"unreadable ledger ({exc}); move it away to start a new one") from None
         return ModelState(name, raw.get("active"), raw.get("previous"), dict(raw.get("versions", {})),
-                          list(raw.get("rolled_back", [])), dict(raw.get("last", {})), list(raw.get("history", [])))
+                          list(raw.get("rolled_back", [])), dict(raw.get("last", {})), list(raw.get("history", [])),
+                          list(raw.get("stack", [])))
 
     def save(self, st: ModelState) -> None:
         st.history = st.history[-HISTORY:]
@@ -189,9 +198,7 @@ class ModelStore:
 
         halt_point("activated")  # tests: a crash after the rename, before the ledger knows
         st.versions[version] = manifest_sha256
-        if before != version:
-            st.previous = before if before is not None else (BUNDLED if bundled_version else None)
-        st.active = version
+        st.push(version, before if before is not None else (BUNDLED if bundled_version else None))
         self.save(st)
         self.prune(name)
         return st
@@ -207,11 +214,14 @@ class ModelStore:
         target = None if st.previous == BUNDLED else st.previous
         self.link(name, target)
         st.rolled_back = sorted(set(st.rolled_back) | {bad}, key=version_key)
-        st.active, st.previous = target, None
+        st.stack = [v for v in st.stack if v != bad]
+        st.active = target
+        st.previous = st.stack[-2] if len(st.stack) > 1 else None
         st.last = {"result": "rolled-back", "version": bad, "reason": reason, "step": "rollback", "at": utc_now(),
                    "now_active": target or BUNDLED}
         st.history.append(st.last)
         self.save(st)
+        shutil.rmtree(self.version_dir(name, bad), ignore_errors=True)  # never used again; the ledger keeps its hash
         return st
 
     def reconcile(self, name: str) -> ModelState:
@@ -226,7 +236,12 @@ class ModelStore:
                 from edge_runtime.ota.install import manifest_sha
 
                 st.versions[linked] = manifest_sha(self.version_dir(name, linked))
-            st.previous, st.active = (st.active if st.active is not None else st.previous), linked
+            if linked is None:
+                st.stack = [v for v in st.stack if v != st.active]
+                st.active = None
+                st.previous = st.stack[-2] if len(st.stack) > 1 else None
+            else:
+                st.push(linked, st.active or st.previous)
             st.last = {"result": "recovered", "version": linked, "reason": "ledger repaired after a restart: "
                        f"active is {linked or 'the bundled version'}", "step": "activation", "at": utc_now()}
             st.history.append(st.last)
@@ -240,3 +255,5 @@ class ModelStore:
         for version in self.installed(name):
             if version not in keep:
                 shutil.rmtree(self.version_dir(name, version), ignore_errors=True)
+        st.stack = [v for v in st.stack if v == BUNDLED or v in keep]
+        self.save(st)

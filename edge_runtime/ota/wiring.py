@@ -23,13 +23,17 @@ def baseline_for(config: Config) -> Callable[[str], "tuple[str, str] | None"]:
     Read without the signature check (only its version and manifest hash are wanted)."""
     roots = [Path(p) for p in config.models.paths] + [bundled_models_dir()]
     registry = ModelRegistry(roots)
+    cache: dict[tuple[Path, int], tuple[str, str] | None] = {}  # hashing the folder at every status scrape: no
 
     def baseline(name: str) -> tuple[str, str] | None:
         folder = registry.folders().get(name)
         if folder is None:
             return None
         try:
-            return parse_manifest(folder / MANIFEST).version, manifest_sha(folder)
+            key = (folder, (folder / MANIFEST).stat().st_mtime_ns)
+            if key not in cache:
+                cache[key] = parse_manifest(folder / MANIFEST).version, manifest_sha(folder)
+            return cache[key]
         except Exception:  # noqa: BLE001 - an unreadable shipped manifest simply is no baseline
             return None
 
