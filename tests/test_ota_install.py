@@ -2,7 +2,6 @@
 leaves a verified, loadable version (the old or the new one, never a mix)."""
 from __future__ import annotations
 
-import io
 import os
 import subprocess
 import sys
@@ -11,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import REPO, classifier_onnx, make_model_folder, sha256
-from ota_helpers import copy_model, keypair, set_version
+from ota_helpers import copy_model, keypair
 
 from edge_runtime.cli import engine_options, make_registry
 from edge_runtime.config import load_config

@@ -110,7 +110,8 @@ class OtaAgent:
             self._report({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
                           "origin": "mqtt"})
             return
-        outcome = self.installer.install(path, origin="mqtt", remote=True, move=True)
+        outcome = self.installer.install(path, origin="mqtt", remote=True, move=True,
+                                         label=f"MQTT bundle {bundle[:12]}")
         self.receiver.mark_done(bundle)
         if outcome.result == "activated":
             self.activated(outcome.name, outcome.version)

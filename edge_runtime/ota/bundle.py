@@ -36,7 +36,10 @@ _BLOCK = 1 << 20
 
 
 class BundleError(EdgeError):
-    """A bundle that must not be installed; the message names the bundle and the one reason."""
+    """A bundle that must not be installed; the message names the bundle and the one reason. `claimed`: the
+    (name, version) its manifest states, when it was read that far (for the report only: nothing verified it)."""
+
+    claimed: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -325,6 +328,18 @@ def verify(path: Path, public_key: Path | None, *, max_bytes: int = DEFAULT_MAX_
     name, version = raw.get("name"), raw.get("version")
     if not isinstance(name, str) or not isinstance(version, str) or not version:
         raise BundleError(where, "the manifest has no name or version")
+    try:
+        _check_listing(where, raw, name, top, expect_name, hashes)
+    except BundleError as exc:
+        exc.claimed = (name, version)
+        raise
+    return VerifiedBundle(path, name, version, sha256_bytes(manifest_bytes), hashes, key is not None, size,
+                          content_id(manifest_bytes.decode("utf-8"), hashes))
+
+
+def _check_listing(where: str, raw: dict, name: str, top: str | None, expect_name: str | None,
+                   hashes: dict[str, str]) -> None:
+    """The signed manifest against the tar: names, and every file listed, present and unchanged."""
     if name != top:
         raise BundleError(where, f"the manifest is for model {name!r} but the bundle's folder is {top!r}")
     if expect_name is not None and name != expect_name:
@@ -346,8 +361,6 @@ def verify(path: Path, public_key: Path | None, *, max_bytes: int = DEFAULT_MAX_
     missing = sorted(set(expected) - set(hashes))
     if missing:
         raise BundleError(where, f"file {missing[0]} is listed in the manifest but missing from the tar")
-    return VerifiedBundle(path, name, version, sha256_bytes(manifest_bytes), hashes, key is not None, size,
-                          content_id(manifest_bytes.decode("utf-8"), hashes))
 
 
 def unpack(bundle: VerifiedBundle, dest: Path) -> None:

@@ -86,7 +86,7 @@ class Installer:
 
     # ------------------------------------------------------------ entry points
     def install(self, path: Path, *, origin: str = "local", remote: bool = False, allow_downgrade: bool = False,
-                move: bool = False) -> Outcome:
+                move: bool = False, label: str | None = None) -> Outcome:
         """Install a bundle file. move=True: the file is ours (an assembled MQTT bundle) and is moved, not copied."""
         if remote and self.public_key is None:
             outcome = Outcome("refused", "no models.public_key configured on this device: remote installs are refused")
@@ -94,7 +94,7 @@ class Installer:
             if move:
                 Path(path).unlink(missing_ok=True)
             return outcome
-        job = self._new_job(Path(path), origin, remote, allow_downgrade, move)
+        job = self._new_job(Path(path), origin, remote, allow_downgrade, move, label)
         return self._run(job)
 
     def recover(self) -> list[Outcome]:
@@ -118,11 +118,12 @@ class Installer:
         return outcomes
 
     # ------------------------------------------------------------ the steps
-    def _new_job(self, path: Path, origin: str, remote: bool, allow_downgrade: bool, move: bool) -> Path:
+    def _new_job(self, path: Path, origin: str, remote: bool, allow_downgrade: bool, move: bool,
+                 label: str | None = None) -> Path:
         job = self.store.jobs_dir / f"{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}"
         job.mkdir(parents=True)
         meta = {"step": "receiving", "origin": origin, "remote": remote, "allow_downgrade": allow_downgrade,
-                "source": str(path), "started": utc_now()}
+                "source": label or str(path), "started": utc_now()}
         write_json_atomic(job / "job.json", meta)
         target = job / "bundle.tar"
         try:
@@ -196,6 +197,8 @@ class Installer:
 
             failed = isinstance(exc, SelfTestError)
             name, version = meta.get("name"), meta.get("version")
+            if name is None and getattr(exc, "claimed", None):
+                name, version = exc.claimed  # what the refused bundle says it is: reported, not trusted
             source = Path(meta.get("source", "bundle")).name  # the file the technician or hub gave, not our copy
             reason = exc.reason if failed else f"{source}: {exc.reason}"
             outcome = Outcome("failed" if failed else "refused", reason, name, version, meta.get("step", ""))
@@ -234,7 +237,8 @@ class Installer:
         return None
 
     def _finish(self, outcome: Outcome, origin: str) -> None:
-        if outcome.name:
+        known = outcome.name and (outcome.name in self.store.names() or self.baseline(outcome.name) is not None)
+        if known:  # a refused bundle naming a model this device does not have leaves no ledger behind
             st = self.store.record(outcome.name, outcome.result, outcome.version, outcome.reason, outcome.step) \
                 if outcome.result != "activated" else self._record_activated(outcome)
             outcome.previous = st.previous
