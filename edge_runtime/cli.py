@@ -195,6 +195,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.check import model_problems
 
     problems = model_problems(config, make_registry(config))  # nothing starts half-configured
+    from edge_runtime.ota.wiring import installed_source_keys
+
+    # A version installed from a bundle that does not load is rolled back by the daemon at start (edge_runtime/ota).
+    problems = [p for p in problems if p.key not in installed_source_keys(config)]
     if problems:
         raise EdgeError(problems[0].file, problems[0].line().removeprefix(f"{problems[0].file}: "))
     # A daemon logs its lifecycle at INFO by default (journald keeps it); -v still means DEBUG.

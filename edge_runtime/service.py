@@ -190,11 +190,16 @@ class Service:
         self.outbox = Outbox.from_config(self.config)
         self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS,
                            gauges=("rows", "bytes", "sent_unstored"))
-        for outcome in self.ota.installer.recover():  # an install a crash interrupted: finished or discarded
+        recovered = self.ota.installer.recover()  # an install a crash interrupted: finished or discarded
+        for outcome in recovered:
             log.warning("models: after the restart: %s", outcome.line())
         for src in self.config.sources:
             if src.model not in self.runners:
                 self.runners[src.model] = self._load_runner(src.model)
+        for outcome in recovered:  # a version activated just now is on probation as after a live switch
+            if outcome.result == "activated" and outcome.name in self.runners \
+                    and self.runners[outcome.name].manifest.version == outcome.version:
+                self.ota.health.switched(outcome.name, outcome.version)
         if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
             self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
             self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
@@ -222,7 +227,10 @@ class Service:
             if self.ota.store.linked_version(model) is None:
                 raise
             reason = f"version {self.ota.store.linked_version(model)} failed to load at start-up: {exc.reason}"
-            self.ota.installer.rollback(model, reason)
+            try:
+                self.ota.installer.rollback(model, reason)
+            except EdgeError as no_way_back:
+                raise EdgeError(model, f"{reason}; no rollback: {no_way_back.reason}") from None
             self.registry.forget(model)
             return ModelRunner(self, model)
 

@@ -29,6 +29,16 @@ def test_chunks_survive_a_restart_and_reassemble(tmp_path):
     assert rx.accept(payloads[0]) is None  # a re-publish of a bundle already handled
 
 
+def test_the_announced_model_is_kept_with_the_chunks(tmp_path):
+    rx = Receiver(tmp_path / "incoming", 1 << 20, 3600)
+    payloads = split(b"z" * 3000, 1000, model="cxr-pneumonia")
+    bundle, _, _ = rx.accept(payloads[0])
+    assert rx.model(bundle) == "cxr-pneumonia"
+    other = split(b"z" * 3000, 1000, model="fetal-head")[1]  # same bytes, another announcement
+    with pytest.raises(ChunkError, match="disagree"):
+        rx.accept(other)
+
+
 def test_a_whole_bundle_in_one_message(tmp_path):
     rx = Receiver(tmp_path / "incoming", 1 << 20, 3600)
     bundle, held, count = rx.accept(b"a whole tar")

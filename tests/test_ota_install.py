@@ -135,6 +135,14 @@ def test_remote_installs_need_a_public_key_and_local_ones_say_the_signature_was_
     assert out.result == "activated" and "signature NOT checked" in out.reason
 
 
+def test_a_bundle_for_another_model_than_announced_is_refused(device):
+    inst = installer(device)
+    out = inst.install(new_version(device, "0.0.2"), expect_name="cxr-pneumonia", remote=True)
+    assert out.result == "refused" and "is for model 'tiny-cls', not 'cxr-pneumonia'" in out.reason, out.reason
+    assert running_version(device) == "0.0.1"
+    assert inst.store.state("tiny-cls").last["result"] == "refused"  # reported under the name it claims
+
+
 def test_version_order():
     assert version_key("1.10.0") > version_key("1.9.2") > version_key("1.9.2-rc1")
     assert version_key("2026.12.1") > version_key("2026.2.9")
@@ -167,17 +175,16 @@ def test_sigkill_at_each_step_then_restart_leaves_a_whole_version(device, step):
     key = f'public_key = "{device["public"]}"\n'
     device["config"].write_text(device["config"].read_text() + key)
     # The device runs a signed 0.0.2 (with a key, every model that runs must be signed); 0.0.3 comes in.
-    assert edge(device, "install", str(new_version(device, "0.0.2"))).returncode == 0
+    assert installer(device).install(new_version(device, "0.0.2")).result == "activated"
     bundle = new_version(device, "0.0.3")
-    killed = edge(device, "install", str(bundle), halt=step)
+    killed = edge(device, "install", str(bundle), halt=step)  # the real CLI process, SIGKILLed at the step
     assert killed.returncode == -9, killed.stdout + killed.stderr
     before = assert_whole(device, {"0.0.2", "0.0.3"})
     assert before == ("0.0.3" if step == "activated" else "0.0.2")
-    again = edge(device, "install", str(bundle))  # recovery first, then the install itself
-    assert again.returncode == 0, again.stderr
+    inst = installer(device)
+    resumed = inst.recover()  # what the next daemon start (or CLI install) does first
+    assert [o.result for o in resumed] == (["unchanged"] if step == "activated" else ["activated"]), resumed
     assert assert_whole(device, {"0.0.3"}) == "0.0.3"
-    if step != "receiving":
-        assert "resumed an interrupted install" in again.stderr
     store = ModelStore(load_config(device["config"]).state_dir)
     st = store.state("tiny-cls")
     assert (st.active, st.previous) == ("0.0.3", "0.0.2"), st
@@ -198,3 +205,13 @@ def test_cli_install_rollback_and_status(device):
     assert p.returncode == 0 and "now running bundled" in p.stdout
     p = edge(device, "rollback", "tiny-cls")
     assert p.returncode != 0 and "nothing to roll back" in p.stderr
+
+
+def test_a_job_whose_bundle_never_arrived_whole_is_discarded(device):
+    inst = installer(device)
+    job = inst.store.jobs_dir / "interrupted"
+    job.mkdir(parents=True)
+    (job / "job.json").write_text('{"step": "receiving", "origin": "local"}')
+    (job / "bundle.tar.part").write_bytes(new_version(device, "0.0.2").read_bytes()[:5000])  # the copy was cut
+    assert inst.recover() == [] and not job.exists()
+    assert running_version(device) == "0.0.1" and inst.store.installed("tiny-cls") == []

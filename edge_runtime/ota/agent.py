@@ -105,13 +105,13 @@ class OtaAgent:
 
     def _install_received(self, bundle: str) -> None:
         try:
-            path = self.receiver.assemble(bundle)
+            path = self.receiver.assemble(bundle)  # meta.json (the announced model) stays until mark_done
         except (ChunkError, OSError) as exc:
             self._report({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
                           "origin": "mqtt"})
             return
         outcome = self.installer.install(path, origin="mqtt", remote=True, move=True,
-                                         label=f"MQTT bundle {bundle[:12]}")
+                                         label=f"MQTT bundle {bundle[:12]}", expect_name=self.receiver.model(bundle))
         self.receiver.mark_done(bundle)
         if outcome.result == "activated":
             self.activated(outcome.name, outcome.version)

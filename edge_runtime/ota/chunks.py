@@ -43,10 +43,12 @@ class Chunk:
     count: int
     offset: int
     data: bytes
+    model: str | None = None
 
 
-def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
-    """The MQTT payloads for one bundle (the hub side: `edge-runtime models publish`)."""
+def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES, model: str | None = None) -> list[bytes]:
+    """The MQTT payloads for one bundle (the hub side: `edge-runtime models publish`). `model`: the model the hub
+    means to roll out; the device refuses a bundle whose signed manifest names another."""
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be > 0")
     digest = hashlib.sha256(data).hexdigest()
@@ -54,8 +56,10 @@ def split(data: bytes, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> list[bytes]:
     out = []
     for i in range(count):
         part = data[i * chunk_bytes:(i + 1) * chunk_bytes]
-        header = json.dumps({"bundle": digest, "size": len(data), "index": i, "count": count,
-                             "offset": i * chunk_bytes}, separators=(",", ":")).encode()
+        fields = {"bundle": digest, "size": len(data), "index": i, "count": count, "offset": i * chunk_bytes}
+        if model:
+            fields["model"] = model
+        header = json.dumps(fields, separators=(",", ":")).encode()
         out.append(MAGIC + len(header).to_bytes(4, "big") + header + part)
     return out
 
@@ -72,7 +76,7 @@ def parse(payload: bytes, max_bytes: int) -> Chunk:
     try:
         h = json.loads(payload[start:start + n])
         chunk = Chunk(str(h["bundle"]), int(h["size"]), int(h["index"]), int(h["count"]), int(h["offset"]),
-                      payload[start + n:])
+                      payload[start + n:], str(h["model"]) if h.get("model") is not None else None)
     except (ValueError, KeyError, TypeError) as exc:
         raise ChunkError("bundle chunk", f"malformed header ({exc})") from None
     if len(chunk.bundle) != 64 or any(c not in "0123456789abcdef" for c in chunk.bundle):
@@ -119,10 +123,10 @@ class Receiver:
             folder.mkdir(parents=True)
             from edge_runtime.ota.store import write_json_atomic
 
-            write_json_atomic(folder / "meta.json", {"size": chunk.size, "count": chunk.count})
+            write_json_atomic(folder / "meta.json", {"size": chunk.size, "count": chunk.count, "model": chunk.model})
         meta = json.loads((folder / "meta.json").read_text())
-        if meta != {"size": chunk.size, "count": chunk.count}:
-            raise ChunkError(f"bundle {chunk.bundle[:12]}", "chunks disagree on the bundle's size or count")
+        if meta != {"size": chunk.size, "count": chunk.count, "model": chunk.model}:
+            raise ChunkError(f"bundle {chunk.bundle[:12]}", "chunks disagree on the bundle's size, count or model")
         part = folder / f"{chunk.index}.part"
         if not part.exists():
             tmp = folder / f".{chunk.index}.tmp"
@@ -164,6 +168,13 @@ class Receiver:
                                                       "sha256 differs); discarded")
         os.replace(tmp, out)
         return out
+
+    def model(self, bundle: str) -> str | None:
+        """The model name the hub's header announced for this bundle (None: not said)."""
+        try:
+            return json.loads((self.incoming / bundle / "meta.json").read_text()).get("model")
+        except (OSError, ValueError):
+            return None
 
     def complete(self, bundle: str) -> bool:
         folder = self.incoming / bundle

@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", metavar="PEM", help="verify/install: check against this key instead of "
                                                        "models.public_key")
     p.add_argument("--allow-downgrade", action="store_true", help="install: allow a version older than the running one")
+    p.add_argument("--model", metavar="NAME", help="install/publish: the model the bundle must be for (publish: "
+                                                   "announced to the devices, which refuse a bundle for another)")
     p.add_argument("--vectors", metavar="NPZ", help="pack: self-test vectors made elsewhere (default: made here)")
     p.add_argument("--atol", action="append", default=[], metavar="PRECISION=ATOL[,RTOL]",
                    help="pack: self-test tolerance for a precision, e.g. int8=0.5,0.05 (repeatable)")
@@ -102,7 +104,8 @@ def _install(args, config: Config, options_for) -> int:
     installer = _installer(args, config, options_for)
     for outcome in installer.recover():
         print(f"resumed an interrupted install: {outcome.line()}", file=sys.stderr)
-    outcome = installer.install(Path(args.target), origin="local", allow_downgrade=args.allow_downgrade)
+    outcome = installer.install(Path(args.target), origin="local", allow_downgrade=args.allow_downgrade,
+                                expect_name=args.model)
     if outcome.ok:
         print(outcome.line() + (_daemon_note(config) if outcome.result == "activated" else ""))
         return 0
@@ -172,7 +175,8 @@ def _publish(args, config: Config, options_for) -> int:
     from edge_runtime.ota.chunks import split
     from edge_runtime.uplink import parse_broker_url
 
-    vb = bundles.verify(Path(args.target), _key(args, config), max_bytes=config.models.max_bundle_bytes)
+    vb = bundles.verify(Path(args.target), _key(args, config), max_bytes=config.models.max_bundle_bytes,
+                        expect_name=args.model)
     url = args.broker or config.mqtt.broker
     if not url:
         raise EdgeError("models publish", "needs --broker URL (or mqtt.broker in --config)")
@@ -180,7 +184,7 @@ def _publish(args, config: Config, options_for) -> int:
     site = args.site or config.device.site
     prefix = config.mqtt.topic_prefix.rstrip("/")
     topic = f"{prefix}/{site}/{args.device}/models/bundle" if args.device else f"{prefix}/{site}/models/bundle"
-    payloads = split(Path(args.target).read_bytes(), args.chunk_bytes)
+    payloads = split(Path(args.target).read_bytes(), args.chunk_bytes, model=vb.name)
     client = mqtt.Client(callback_api_version=CallbackAPIVersion.VERSION2, client_id=f"edge-publish-{time.time_ns()}",
                          protocol=mqtt.MQTTv5)
     if target.tls:

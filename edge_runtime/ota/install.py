@@ -86,7 +86,8 @@ class Installer:
 
     # ------------------------------------------------------------ entry points
     def install(self, path: Path, *, origin: str = "local", remote: bool = False, allow_downgrade: bool = False,
-                move: bool = False, label: str | None = None) -> Outcome:
+                move: bool = False, label: str | None = None, expect_name: str | None = None) -> Outcome:
+        """expect_name: the model the bundle must be for (the hub's announcement, `--model`)."""
         """Install a bundle file. move=True: the file is ours (an assembled MQTT bundle) and is moved, not copied."""
         if remote and self.public_key is None:
             outcome = Outcome("refused", "no models.public_key configured on this device: remote installs are refused")
@@ -94,7 +95,7 @@ class Installer:
             if move:
                 Path(path).unlink(missing_ok=True)
             return outcome
-        job = self._new_job(Path(path), origin, remote, allow_downgrade, move, label)
+        job = self._new_job(Path(path), origin, remote, allow_downgrade, move, label, expect_name)
         return self._run(job)
 
     def recover(self) -> list[Outcome]:
@@ -119,11 +120,11 @@ class Installer:
 
     # ------------------------------------------------------------ the steps
     def _new_job(self, path: Path, origin: str, remote: bool, allow_downgrade: bool, move: bool,
-                 label: str | None = None) -> Path:
+                 label: str | None = None, expect_name: str | None = None) -> Path:
         job = self.store.jobs_dir / f"{utc_now().replace(':', '')}-{uuid.uuid4().hex[:8]}"
         job.mkdir(parents=True)
         meta = {"step": "receiving", "origin": origin, "remote": remote, "allow_downgrade": allow_downgrade,
-                "source": label or str(path), "started": utc_now()}
+                "source": label or str(path), "started": utc_now(), "expect_name": expect_name}
         write_json_atomic(job / "job.json", meta)
         target = job / "bundle.tar"
         try:
@@ -159,7 +160,7 @@ class Installer:
             if not path.is_file():
                 raise bundles.BundleError(meta.get("source", "bundle"), "cannot read the bundle file")
             self._step(job, meta, "verifying")
-            vb = bundles.verify(path, self.public_key, max_bytes=self.max_bytes)
+            vb = bundles.verify(path, self.public_key, max_bytes=self.max_bytes, expect_name=meta.get("expect_name"))
             meta["name"], meta["version"] = vb.name, vb.version
             if not vb.signed:
                 log.warning("models: %s %s: signature not checked (no models.public_key configured); file hashes "

@@ -57,3 +57,9 @@ def agent_from_config(config: Config, identity: DeviceIdentity, options_for: Cal
     receiver = Receiver(installer.store.incoming_dir, m.max_bundle_bytes, m.incoming_ttl_s)
     return OtaAgent(installer.store, installer, receiver, health, identity, config.mqtt.topic_prefix,
                     installer.baseline)
+
+
+def installed_source_keys(config: Config) -> set[str]:
+    """`sources[i].model` keys whose model runs a version installed from a bundle (check.py's key format)."""
+    store = ModelStore(config.state_dir)
+    return {f"sources[{i}].model" for i, src in enumerate(config.sources) if store.linked_version(src.model)}
