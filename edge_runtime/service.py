@@ -207,7 +207,7 @@ class Service:
             self._start_source(src)
         self.uplink = self._start_uplink()
         self.ota.start()
-        self.ota._report({"result": "started", "step": "start", "reason": "daemon started"})
+        self.ota.report_event({"result": "started", "step": "start", "reason": "daemon started"})
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
         for source in self.live_sources:  # "ready" must say whether the probe is really there
             source.first_attempt.wait(max(0.0, deadline - time.monotonic()))
@@ -264,10 +264,8 @@ class Service:
             log.error("models: %s %s: %s; rolling back", model, version, why)
             self.ota.request_rollback(model, f"{version}: {why}")
         for model, version in passed:
-            window = self.config.models.health_window_s
-            self.ota.store.record(model, "confirmed", version, f"healthy through its first {window:.0f} s", "health")
-            self.ota._report({"model": model, "version": version, "result": "confirmed", "step": "health",
-                              "reason": f"healthy through its first {window:.0f} s"})
+            self.ota.request_confirm(model, version, f"healthy through its first "
+                                                    f"{self.config.models.health_window_s:.0f} s")
 
     def _serve_metrics(self) -> int:
         host, port = self.config.service.metrics_host, self.config.service.metrics_port

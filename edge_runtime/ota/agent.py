@@ -44,7 +44,7 @@ class OtaAgent:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        installer.report = self._report
+        installer.report = self.report_event
 
     # ------------------------------------------------------------ uplink thread
     def on_bundle_message(self, payload: bytes) -> None:
@@ -52,7 +52,7 @@ class OtaAgent:
         try:
             got = self.receiver.accept(payload)
         except ChunkError as exc:
-            self._report({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
+            self.report_event({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
                           "origin": "mqtt"})
             log.error("models: %s", exc)
             return
@@ -65,7 +65,7 @@ class OtaAgent:
         if held == count:
             self._queue.put(("bundle", bundle))
         elif held == 1 or held % 16 == 0:
-            self._report({"result": "in-progress", "step": "receiving", "reason": f"{held} of {count} chunks",
+            self.report_event({"result": "in-progress", "step": "receiving", "reason": f"{held} of {count} chunks",
                           "bundle": bundle, "at": utc_now(), "origin": "mqtt"})
 
     # ------------------------------------------------------------ agent thread
@@ -86,13 +86,23 @@ class OtaAgent:
     def request_rollback(self, name: str, reason: str) -> None:
         self._queue.put(("rollback", (name, reason)))
 
+    def request_confirm(self, name: str, version: str, reason: str) -> None:
+        """A version through its health window: recorded on the agent thread, as every ledger change."""
+        self._queue.put(("confirm", (name, version, reason)))
+
+    def confirm(self, name: str, version: str, reason: str) -> None:
+        with self.store.lock():
+            self.store.record(name, "confirmed", version, reason, "health")
+        self.report_event({"model": name, "version": version, "result": "confirmed", "step": "health", "reason": reason,
+                      "at": utc_now()})
+
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 kind, arg = self._queue.get(timeout=60.0)
             except queue.Empty:
                 for gone in self.receiver.purge_stale():
-                    self._report({"result": "discarded", "step": "receiving", "bundle": gone, "at": utc_now(),
+                    self.report_event({"result": "discarded", "step": "receiving", "bundle": gone, "at": utc_now(),
                                   "reason": "no new chunk within models.incoming_ttl_s", "origin": "mqtt"})
                 continue
             try:
@@ -100,6 +110,8 @@ class OtaAgent:
                     self._install_received(arg)
                 elif kind == "rollback":
                     self.rollback(*arg)
+                elif kind == "confirm":
+                    self.confirm(*arg)
             except Exception:  # noqa: BLE001 - the agent must outlive its own bugs; the old version keeps running
                 log.exception("models: %s %s failed", kind, arg)
 
@@ -107,7 +119,7 @@ class OtaAgent:
         try:
             path = self.receiver.assemble(bundle)  # meta.json (the announced model) stays until mark_done
         except (ChunkError, OSError) as exc:
-            self._report({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
+            self.report_event({"result": "refused", "reason": str(exc), "step": "receiving", "at": utc_now(),
                           "origin": "mqtt"})
             return
         outcome = self.installer.install(path, origin="mqtt", remote=True, move=True,
@@ -149,7 +161,7 @@ class OtaAgent:
         return {"device_id": self.identity.device_id, "site": self.identity.site, "at": utc_now(),
                 "models": models, "event": self.last_event}
 
-    def _report(self, event: dict) -> None:
+    def report_event(self, event: dict) -> None:
         self.last_event = event
         if self.publish is not None:
             try:

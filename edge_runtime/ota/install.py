@@ -88,6 +88,11 @@ class Installer:
     def install(self, path: Path, *, origin: str = "local", remote: bool = False, allow_downgrade: bool = False,
                 move: bool = False, label: str | None = None, expect_name: str | None = None) -> Outcome:
         """expect_name: the model the bundle must be for (the hub's announcement, `--model`)."""
+        with self.store.lock():
+            return self._install(path, origin, remote, allow_downgrade, move, label, expect_name)
+
+    def _install(self, path: Path, origin: str, remote: bool, allow_downgrade: bool, move: bool, label: str | None,
+                 expect_name: str | None) -> Outcome:
         """Install a bundle file. move=True: the file is ours (an assembled MQTT bundle) and is moved, not copied."""
         if remote and self.public_key is None:
             outcome = Outcome("refused", "no models.public_key configured on this device: remote installs are refused")
@@ -100,6 +105,10 @@ class Installer:
 
     def recover(self) -> list[Outcome]:
         """Finish or discard what a crash interrupted; make every ledger agree with its link."""
+        with self.store.lock():
+            return self._recover()
+
+    def _recover(self) -> list[Outcome]:
         outcomes = []
         for job in sorted(self.store.jobs_dir.glob("*")) if self.store.jobs_dir.is_dir() else []:
             meta = _read_job(job)
@@ -114,6 +123,8 @@ class Installer:
         if self.store.staging_dir.is_dir():
             for leftover in self.store.staging_dir.iterdir():
                 shutil.rmtree(leftover, ignore_errors=True)
+        for link in self.store.active_dir.glob(".*.link"):  # a new link made, never renamed into place
+            link.unlink(missing_ok=True)
         for name in self.store.names():
             self.store.reconcile(name)
         return outcomes
@@ -255,7 +266,8 @@ class Installer:
 
     # ------------------------------------------------------------ by hand
     def rollback(self, name: str, reason: str) -> Outcome:
-        st = self.store.rollback(name, reason)
+        with self.store.lock():
+            st = self.store.rollback(name, reason)
         now = st.active or BUNDLED
         outcome = Outcome("rolled-back", f"{reason}; now running {now}", name, st.last.get("version"), "rollback",
                           st.previous)

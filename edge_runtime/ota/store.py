@@ -15,6 +15,8 @@ one step behind the link.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -98,6 +100,17 @@ class ModelStore:
         self.staging_dir = self.root / "staging"
         self.jobs_dir = self.root / "jobs"
         self.incoming_dir = self.root / "incoming"
+
+    @contextlib.contextmanager
+    def lock(self):
+        """One install, rollback or ledger update at a time across processes (the daemon and a technician's CLI)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def ensure(self) -> None:
         for d in (self.active_dir, self.versions_dir, self.ledger_dir, self.staging_dir, self.jobs_dir,
