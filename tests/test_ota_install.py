@@ -2,6 +2,7 @@
 leaves a verified, loadable version (the old or the new one, never a mix)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -215,3 +216,20 @@ def test_a_job_whose_bundle_never_arrived_whole_is_discarded(device):
     (job / "bundle.tar.part").write_bytes(new_version(device, "0.0.2").read_bytes()[:5000])  # the copy was cut
     assert inst.recover() == [] and not job.exists()
     assert running_version(device) == "0.0.1" and inst.store.installed("tiny-cls") == []
+
+
+def test_without_a_public_key_the_daemon_refuses_bundles_from_mqtt_without_storing_them(device):
+    from edge_runtime.findings import DeviceIdentity
+    from edge_runtime.ota.chunks import split
+    from edge_runtime.ota.wiring import agent_from_config
+
+    config = load_config(device["config"])  # no models.public_key
+    agent = agent_from_config(config, DeviceIdentity("dev", "site"), lambda kind: engine_options(config, kind))
+    sent = []
+    agent.publish = lambda topic, body, retain: sent.append((topic, json.loads(body), retain))
+    for payload in split(new_version(device, "0.0.2").read_bytes(), 4096)[:3]:
+        agent.on_bundle_message(payload)
+    assert agent.receiver.partials() == []
+    assert len(sent) == 1 and sent[0][0] == "edge/v1/site/dev/models/status" and sent[0][2] is True
+    assert sent[0][1]["event"]["result"] == "refused" and "no models.public_key" in sent[0][1]["event"]["reason"]
+    assert running_version(device) == "0.0.1"

@@ -19,7 +19,7 @@ from conftest import CR_CHEST, REPO, needs_shared
 from mqtt_helpers import Broker, Capture, free_port, needs_mosquitto, wait_until
 from ota_helpers import copy_model, keypair, rewrite, shipped
 
-from edge_runtime.cli import status_report
+from edge_runtime.cli import render_status, status_report
 from edge_runtime.config import load_config
 from edge_runtime.ota import bundle as bundles
 from edge_runtime.ota.store import ModelStore
@@ -206,6 +206,8 @@ def test_a_published_bundle_is_used_without_a_restart_and_bad_ones_are_refused(s
         report = status_report(f"http://127.0.0.1:{site['metrics']}/metrics")
         assert report["model_updates"][MODEL]["active"] == "1.1.0"
         assert report["model_updates"][MODEL]["result"] == "failed"
+        line = next(t for t in render_status(report) if t.startswith(f"model {MODEL}:"))
+        assert "active 1.1.0, previous 1.0.0" in line and "last failed 1.3.0: self-test failed" in line, line
         retained = [r for t, _, r in capture.messages if t.endswith("/models/status")]
         assert retained  # published with retain (the capture was subscribed before: it sees retain=False
         # on live delivery, so check the broker kept one for a newcomer instead)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from edge_runtime.findings import DeviceIdentity
-from edge_runtime.ota.chunks import ChunkError, Receiver
+from edge_runtime.ota.chunks import ChunkError, Receiver, parse
 from edge_runtime.ota.health import HealthWatch
 from edge_runtime.ota.install import Installer
 from edge_runtime.ota.store import BUNDLED, ModelStore, utc_now
@@ -44,11 +44,24 @@ class OtaAgent:
         self._queue: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._refused_unsigned: str | None = None
         installer.report = self.report_event
 
     # ------------------------------------------------------------ uplink thread
     def on_bundle_message(self, payload: bytes) -> None:
         """Store one message durably (the PUBACK follows this return); the agent thread does the rest."""
+        if self.installer.public_key is None:  # refused anyway: do not fill the disk with its chunks first
+            try:
+                bundle = parse(payload, self.receiver.max_bytes).bundle
+            except ChunkError:
+                bundle = ""
+            if bundle != self._refused_unsigned:
+                self._refused_unsigned = bundle
+                reason = "no models.public_key configured on this device: remote installs are refused"
+                log.error("models: a bundle arrived over MQTT: %s", reason)
+                self.report_event({"result": "refused", "reason": reason, "step": "receiving", "at": utc_now(),
+                                   "origin": "mqtt"})
+            return
         try:
             got = self.receiver.accept(payload)
         except ChunkError as exc:
