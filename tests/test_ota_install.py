@@ -198,6 +198,10 @@ def test_cli_install_rollback_and_status(device):
     assert p.returncode == 0 and "activated" in p.stdout, p.stderr
     p = edge(device, "status")
     assert "active 0.0.2, previous bundled" in p.stdout, p.stdout
+    doctor = subprocess.run([sys.executable, "-m", "edge_runtime", "--config", str(device["config"]), "doctor",
+                             "--quick", "--json"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    (section,) = [s for s in json.loads(doctor.stdout)["sections"] if s["title"] == "Installed model versions"]
+    assert section["checks"][0]["name"] == "tiny-cls" and "active 0.0.2, previous bundled" in section["checks"][0]["detail"]
     bad = device["tmp"] / "bad.bundle"
     bad.write_bytes(b"garbage")
     p = edge(device, "install", str(bad))
