@@ -4,8 +4,8 @@
       active/<name>          symlink -> ../versions/<name>/<version>; the registry searches active/ first,
                              so what it points at is what runs; absent = the bundled (shipped) version runs
       versions/<name>/<ver>/ complete, verified, self-tested folders; only the active and the previous one kept
-      ledger/<name>.json     every version ever installed with its manifest's sha256 (a version may never come
-                             back with other contents), active/previous, the last result and a short history
+      ledger/<name>.json     every version ever installed with its content id (bundle.content_id: a version
+                             may never come back with other contents), active/previous, the last result and a short history
       staging/, jobs/, incoming/   work in progress (install.py, chunks.py); a restart cleans them up
 
 Activation writes a new symlink beside the old one and renames it over `active/<name>`: a reader (or a crash)
@@ -73,7 +73,7 @@ class ModelState:
     name: str
     active: str | None  # installed version the link points at; None = the bundled one runs
     previous: str | None  # version (or BUNDLED) a rollback goes back to
-    versions: dict[str, str]  # version -> manifest sha256, every version ever installed
+    versions: dict[str, str]  # version -> content id (bundle.content_id), every version ever installed
     rolled_back: list[str]  # versions refused for good on this device
     last: dict[str, Any]  # {"result", "version", "reason", "step", "at"}
     history: list[dict[str, Any]]
@@ -202,7 +202,7 @@ class ModelStore:
             os.replace(tmp, link)
         _fsync_dir(self.active_dir)
 
-    def activate(self, name: str, version: str, manifest_sha256: str, bundled_version: str | None) -> ModelState:
+    def activate(self, name: str, version: str, content_id: str, bundled_version: str | None) -> ModelState:
         """Switch to an installed version; the one running before becomes 'previous'."""
         st = self.state(name)
         before = self.linked_version(name)
@@ -210,7 +210,7 @@ class ModelStore:
         from edge_runtime.ota.install import halt_point
 
         halt_point("activated")  # tests: a crash after the rename, before the ledger knows
-        st.versions[version] = manifest_sha256
+        st.versions[version] = content_id
         st.push(version, before if before is not None else (BUNDLED if bundled_version else None))
         self.save(st)
         self.prune(name)
