@@ -167,6 +167,7 @@ class Service:
         # Model updates (edge_runtime/ota): bundles from MQTT or `models install`, switched to between items.
         self.ota = agent_from_config(config, self.identity, lambda kind: engine_options(config, kind))
         self.ota.switch = self.switch_model
+        self._link_synced: dict[str, str] = {}  # model -> the linked version a switch was last asked for
         self._export_states()
 
         from edge_runtime.imaging.isolation import DecodePool
@@ -257,6 +258,19 @@ class Service:
         log.info("models: %s switched from %s to %s without a restart", model, old.manifest.version,
                  runner.manifest.version, extra={"model": model})
         return None
+
+    def _check_model_links(self) -> None:
+        """A version installed or rolled back by hand (CLI) while we run: switch to what the link names now."""
+        if not self.ota.idle():
+            return  # an install of the agent's own switches when it is done
+        for model, runner in list(self.runners.items()):
+            linked = self.ota.store.linked_version(model)
+            if linked is None:
+                base = self.ota.baseline(model)
+                linked = base[0] if base else None
+            if linked is not None and linked != runner.manifest.version and self._link_synced.get(model) != linked:
+                self._link_synced[model] = linked  # asked once per change; a failed load rolls the link back
+                self.ota.request_sync(model, linked)
 
     def _check_model_health(self) -> None:
         trips, passed = self.ota.health.check()
@@ -696,6 +710,7 @@ class Service:
         self._update_gauges()
         self._check_source_alarms()
         self._check_model_health()
+        self._check_model_links()
         return stalled
 
     def _update_gauges(self) -> None:

@@ -224,8 +224,12 @@ def test_a_published_bundle_is_used_without_a_restart_and_bad_ones_are_refused(s
 def test_health_rule_rolls_a_new_version_back_and_a_version_that_does_not_load_is_not_kept(site, daemon):
     service = daemon()
     assert edge(site, "install", str(bundle_of(site, "1.1.0"))).returncode == 0  # by hand, daemon running
-    service.ota.activated(MODEL, "1.1.0")  # what the agent does after an install it ran itself
-    assert service.runners[MODEL].manifest.version == "1.1.0"
+
+    def switched() -> bool:  # the supervisor notices the new link and the agent switches to it
+        service.supervise_once()
+        return service.runners[MODEL].manifest.version == "1.1.0"
+    wait_until(switched, 60, interval=0.2, what="the switch to the version installed by hand")
+    assert service.ota.health.watching(MODEL) == "1.1.0"  # on probation like one from the hub
 
     def broken(frame):
         raise RuntimeError("engine fault on the new version")

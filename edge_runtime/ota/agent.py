@@ -45,6 +45,7 @@ class OtaAgent:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._refused_unsigned: str | None = None
+        self.busy = False  # an item from the queue is being handled (the service leaves the links alone then)
         installer.report = self.report_event
 
     # ------------------------------------------------------------ uplink thread
@@ -99,6 +100,14 @@ class OtaAgent:
     def request_rollback(self, name: str, reason: str) -> None:
         self._queue.put(("rollback", (name, reason)))
 
+    def idle(self) -> bool:
+        return not self.busy and self._queue.empty()
+
+    def request_sync(self, name: str, version: str) -> None:
+        """The link names another version than the one running (a technician's `models install` or `rollback`
+        while the daemon runs): switch to it, on probation like any new version."""
+        self._queue.put(("sync", (name, version)))
+
     def request_confirm(self, name: str, version: str, reason: str) -> None:
         """A version through its health window: recorded on the agent thread, as every ledger change."""
         self._queue.put(("confirm", (name, version, reason)))
@@ -118,6 +127,7 @@ class OtaAgent:
                     self.report_event({"result": "discarded", "step": "receiving", "bundle": gone, "at": utc_now(),
                                   "reason": "no new chunk within models.incoming_ttl_s", "origin": "mqtt"})
                 continue
+            self.busy = True
             try:
                 if kind == "bundle":
                     self._install_received(arg)
@@ -125,8 +135,13 @@ class OtaAgent:
                     self.rollback(*arg)
                 elif kind == "confirm":
                     self.confirm(*arg)
+                elif kind == "sync":
+                    log.info("models: %s: switching to %s (installed or rolled back by hand)", *arg)
+                    self.activated(*arg)
             except Exception:  # noqa: BLE001 - the agent must outlive its own bugs; the old version keeps running
                 log.exception("models: %s %s failed", kind, arg)
+            finally:
+                self.busy = False
 
     def _install_received(self, bundle: str) -> None:
         try:
