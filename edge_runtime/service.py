@@ -200,7 +200,10 @@ class Service:
         for outcome in recovered:  # a version activated just now is on probation as after a live switch
             if outcome.result == "activated" and outcome.name in self.runners \
                     and self.runners[outcome.name].manifest.version == outcome.version:
-                self.ota.health.switched(outcome.name, outcome.version)
+                self.ota.start_probation(outcome.name, outcome.version)
+        for model, runner in self.runners.items():  # a restart inside a new version's health window
+            if self.ota.health.watching(model) is None:
+                self.ota.resume_probation(model, runner.manifest.version)
         if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
             self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
             self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))

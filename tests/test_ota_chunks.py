@@ -106,3 +106,11 @@ def test_health_rule_errors_and_out_of_scope_rate():
     for _ in range(30):
         watch.observe("m", "4.0", assessed=True)
     assert watch.check(now=50.0) == ([], []) and watch.check(now=100.0) == ([], [("m", "4.0")])
+
+
+def test_a_resumed_watch_keeps_the_old_baseline_and_the_rest_of_its_window():
+    watch = HealthWatch(HealthRule(window_s=300, max_errors=3, min_frames=10, max_unassessed_increase=0.3))
+    assert watch.switched("m", "2.0", now=0.0, left_s=40.0, baseline=(0.5, 100)) == (0.5, 100)
+    for _ in range(10):
+        watch.observe("m", "2.0", assessed=False)  # 100 %: not above 2x the old 50 %
+    assert watch.check(now=39.0) == ([], []) and watch.check(now=40.0) == ([], [("m", "2.0")])

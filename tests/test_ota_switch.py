@@ -56,3 +56,10 @@ def test_a_live_source_switches_version_between_frames_without_a_restart(tmp_pat
         assert not service.stop_event.is_set() and all(t.is_alive() for t in service.threads)
     finally:
         assert service.stop() == 0
+    restarted = Service(config)  # a restart inside the health window keeps the new version on probation
+    restarted.start()
+    try:
+        assert restarted.runners["fetal-head"].manifest.version == "1.1.0"
+        assert restarted.ota.health.watching("fetal-head") == "1.1.0"
+    finally:
+        assert restarted.stop() == 0

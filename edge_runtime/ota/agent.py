@@ -12,6 +12,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -114,6 +115,7 @@ class OtaAgent:
 
     def confirm(self, name: str, version: str, reason: str) -> None:
         with self.store.lock():
+            self.store.set_probation(name, {})
             self.store.record(name, "confirmed", version, reason, "health")
         self.report_event({"model": name, "version": version, "result": "confirmed", "step": "health", "reason": reason,
                       "at": utc_now()})
@@ -160,9 +162,25 @@ class OtaAgent:
         """Switch the running daemon; a version that does not load is rolled back at once."""
         why = self.switch(name)
         if why is None:
-            self.health.switched(name, version)
+            self.start_probation(name, version)
             return
         self.rollback(name, f"version {version} failed to load: {why}")
+
+    def start_probation(self, name: str, version: str) -> None:
+        """Watch a version just switched to; kept in the ledger so that a restart resumes the watch."""
+        rate, n = self.health.switched(name, version)
+        with self.store.lock():
+            self.store.set_probation(name, {"version": version, "baseline_rate": rate, "baseline_n": n,
+                                            "until": time.time() + self.health.rule.window_s})
+
+    def resume_probation(self, name: str, running: str) -> None:
+        """At start: the version running was switched to less than health_window_s ago: keep watching it."""
+        p = self.store.state(name).probation
+        left = float(p.get("until", 0)) - time.time()
+        if p.get("version") == running and left > 0:
+            self.health.switched(name, running, left_s=left,
+                                 baseline=(float(p.get("baseline_rate", 0.0)), int(p.get("baseline_n", 0))))
+            log.info("models: %s %s: health watch resumed for the %.0f s left of its window", name, running, left)
 
     def rollback(self, name: str, reason: str) -> None:
         from edge_runtime.errors import EdgeError

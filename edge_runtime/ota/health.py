@@ -28,6 +28,7 @@ class _Watch:
     since: float
     baseline_rate: float
     baseline_n: int
+    until: float = 0.0
     frames: int = 0
     unassessed: int = 0
     errors: int = 0
@@ -60,12 +61,18 @@ class HealthWatch:
                 w.errors += 1
                 w.last_error = why
 
-    def switched(self, model: str, version: str, now: float | None = None) -> None:
-        """Start watching `version`, against the rate of what ran before it."""
+    def switched(self, model: str, version: str, now: float | None = None, left_s: float | None = None,
+                 baseline: tuple[float, int] | None = None) -> tuple[float, int]:
+        """Start watching `version`, against the rate of what ran before it (or `baseline`, (rate, n), when the
+        watch resumes after a restart with `left_s` of its window). Returns the baseline used."""
         with self._lock:
             recent = self._recent.pop(model, deque())
-            rate = (sum(not a for a in recent) / len(recent)) if recent else 0.0
-            self._watch[model] = _Watch(version, time.monotonic() if now is None else now, rate, len(recent))
+            if baseline is None:
+                baseline = ((sum(not a for a in recent) / len(recent)) if recent else 0.0, len(recent))
+            start = time.monotonic() if now is None else now
+            left = self.rule.window_s if left_s is None else left_s
+            self._watch[model] = _Watch(version, start, baseline[0], baseline[1], until=start + left)
+            return baseline
 
     def forget(self, model: str) -> None:
         with self._lock:
@@ -96,7 +103,7 @@ class HealthWatch:
                 if why:
                     trips.append((model, w.version, why))
                     del self._watch[model]
-                elif now - w.since >= r.window_s:
+                elif now >= w.until:
                     passed.append((model, w.version))
                     del self._watch[model]
         return trips, passed

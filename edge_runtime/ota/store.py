@@ -78,10 +78,12 @@ class ModelState:
     last: dict[str, Any]  # {"result", "version", "reason", "step", "at"}
     history: list[dict[str, Any]]
     stack: list[str] = field(default_factory=list)  # versions activated in turn (BUNDLED first), still on disk
+    probation: dict[str, Any] = field(default_factory=dict)  # {"version", "until" (unix s), "baseline_rate", "baseline_n"}
 
     def to_dict(self) -> dict[str, Any]:
         return {"active": self.active, "previous": self.previous, "versions": self.versions,
-                "rolled_back": self.rolled_back, "last": self.last, "history": self.history, "stack": self.stack}
+                "rolled_back": self.rolled_back, "last": self.last, "history": self.history, "stack": self.stack,
+                "probation": self.probation}
 
     def push(self, version: str, before: str | None) -> None:
         if not self.stack and before is not None:
@@ -151,11 +153,17 @@ class ModelStore:
             raise StoreError(str(path), f"unreadable ledger ({exc}); move it away to start a new one") from None
         return ModelState(name, raw.get("active"), raw.get("previous"), dict(raw.get("versions", {})),
                           list(raw.get("rolled_back", [])), dict(raw.get("last", {})), list(raw.get("history", [])),
-                          list(raw.get("stack", [])))
+                          list(raw.get("stack", [])), dict(raw.get("probation", {})))
 
     def save(self, st: ModelState) -> None:
         st.history = st.history[-HISTORY:]
         write_json_atomic(self.ledger_dir / f"{st.name}.json", st.to_dict())
+
+    def set_probation(self, name: str, probation: dict[str, Any]) -> None:
+        """The health watch of a freshly switched version (empty: none), kept so that a restart resumes it."""
+        st = self.state(name)
+        st.probation = probation
+        self.save(st)
 
     def record(self, name: str, result: str, version: str | None, reason: str, step: str = "") -> ModelState:
         """Set the last result (and append it to the history)."""
@@ -227,6 +235,7 @@ class ModelStore:
         target = None if st.previous == BUNDLED else st.previous
         self.link(name, target)
         st.rolled_back = sorted(set(st.rolled_back) | {bad}, key=version_key)
+        st.probation = {}
         st.stack = [v for v in st.stack if v != bad]
         st.active = target
         st.previous = st.stack[-2] if len(st.stack) > 1 else None
