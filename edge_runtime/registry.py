@@ -336,13 +336,18 @@ def verify_signature(folder: Path, public_key_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     name = folder.name
-    key_bytes = Path(public_key_path).read_bytes()
-    if b"BEGIN PUBLIC KEY" in key_bytes:
-        key = load_pem_public_key(key_bytes)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(str(public_key_path), "public key is not an ed25519 key")
-    else:
-        key = Ed25519PublicKey.from_public_bytes(key_bytes[:32])
+    try:  # a damaged or wrong key file is one line naming it, not a traceback
+        key_bytes = Path(public_key_path).read_bytes()
+        if b"BEGIN PUBLIC KEY" in key_bytes:
+            key = load_pem_public_key(key_bytes)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(str(public_key_path), "public key is not an ed25519 key")
+        else:
+            key = Ed25519PublicKey.from_public_bytes(key_bytes[:32])
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a PEM public key or 32 raw bytes"
+        raise ConfigError(str(public_key_path), f"key 'models.public_key': cannot read an ed25519 public key "
+                                                f"({why})") from None
     sig_path = folder / SIGNATURE
     if not sig_path.is_file():
         raise ModelError(name, f"unsigned manifest: {sig_path} is missing and a model public key is configured")

@@ -237,3 +237,20 @@ def test_without_a_public_key_the_daemon_refuses_bundles_from_mqtt_without_stori
     assert len(sent) == 1 and sent[0][0] == "edge/v1/site/dev/models/status" and sent[0][2] is True
     assert sent[0][1]["event"]["result"] == "refused" and "no models.public_key" in sent[0][1]["event"]["reason"]
     assert running_version(device) == "0.0.1"
+
+
+def test_check_and_the_daemon_name_a_bad_public_key_and_bad_limits(device):
+    from edge_runtime.check import run_all
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.findings import DeviceIdentity
+    from edge_runtime.ota.wiring import agent_from_config
+
+    not_a_key = device["tmp"] / "not-a-key.pem"
+    not_a_key.write_text("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    device["config"].write_text(device["config"].read_text() + f'public_key = "{not_a_key}"\nhealth_min_frames = 0\n')
+    config = load_config(device["config"])
+    problems, _ = run_all(config, make_registry(config))
+    keys = {p.key for p in problems}
+    assert {"models.public_key", "models.health_min_frames"} <= keys, problems
+    with pytest.raises(ConfigError, match="models.public_key"):
+        agent_from_config(config, DeviceIdentity("dev", "site"), lambda kind: engine_options(config, kind))

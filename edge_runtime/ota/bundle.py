@@ -95,7 +95,8 @@ def load_public_key(path: Path):
         data = Path(path).read_bytes()
         key = load_pem_public_key(data) if b"BEGIN PUBLIC KEY" in data else Ed25519PublicKey.from_public_bytes(data[:32])
     except (OSError, ValueError) as exc:
-        raise BundleError(str(path), f"cannot read the public key (models.public_key): {exc}") from None
+        why = exc.strerror if isinstance(exc, OSError) else "not a PEM public key or 32 raw bytes"
+        raise BundleError(str(path), f"cannot read the public key (models.public_key): {why}") from None
     if not isinstance(key, Ed25519PublicKey):
         raise BundleError(str(path), "models.public_key is not an ed25519 key")
     return key

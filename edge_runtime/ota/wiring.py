@@ -48,7 +48,13 @@ def installer_from_config(config: Config, options_for: Callable[[str], EngineOpt
 
 
 def agent_from_config(config: Config, identity: DeviceIdentity, options_for: Callable[[str], EngineOptions]):
+    from edge_runtime.errors import ConfigError
     from edge_runtime.ota.agent import OtaAgent
+
+    problems = settings_problems(config)
+    if problems:
+        key, problem, fix = problems[0]
+        raise ConfigError(config.source_path or "configuration", f"key '{key}' {problem}; {fix}")
 
     installer = installer_from_config(config, options_for)
     m = config.models
@@ -63,3 +69,26 @@ def installed_source_keys(config: Config) -> set[str]:
     """`sources[i].model` keys whose model runs a version installed from a bundle (check.py's key format)."""
     store = ModelStore(config.state_dir)
     return {f"sources[{i}].model" for i, src in enumerate(config.sources) if store.linked_version(src.model)}
+
+
+def settings_problems(config: Config) -> list[tuple[str, str, str]]:
+    """(key, problem, fix) for the [models] keys of model updates; `check` lists them, the daemon refuses them."""
+    m, out = config.models, []
+    if m.public_key:
+        from edge_runtime.errors import EdgeError
+        from edge_runtime.ota.bundle import load_public_key
+
+        try:
+            load_public_key(Path(m.public_key))
+        except EdgeError as exc:
+            out.append(("models.public_key", exc.reason, "point it at the hub's PEM public key (models keygen --out)"))
+    for key, value, ok in (("max_bundle_bytes", m.max_bundle_bytes, m.max_bundle_bytes > 0),
+                           ("incoming_ttl_s", m.incoming_ttl_s, m.incoming_ttl_s > 0),
+                           ("health_window_s", m.health_window_s, m.health_window_s >= 0),
+                           ("health_max_errors", m.health_max_errors, m.health_max_errors >= 1),
+                           ("health_min_frames", m.health_min_frames, m.health_min_frames >= 1),
+                           ("health_max_unassessed_increase", m.health_max_unassessed_increase,
+                            0 <= m.health_max_unassessed_increase <= 1)):
+        if not ok:
+            out.append((f"models.{key}", f"is {value}", "use a positive value (see README: Configuration)"))
+    return out
