@@ -375,6 +375,9 @@ def run_all(config: Config, registry: ModelRegistry) -> tuple[list[Problem], lis
     problems += broker_problems(config)
     problems += pacs_problems(config)
     found, more = service_problems(config, pid)
+    from edge_runtime.ota.wiring import settings_problems  # model updates: key and limits
+
+    found += [Problem(_where(config), key, problem, fix) for key, problem, fix in settings_problems(config)]
     if pid:
         more.insert(0, Note("device.state_dir", f"a daemon is running on this state directory (pid {pid})"))
     return problems + found, notes + more

@@ -32,7 +32,8 @@ def error_line(exc: BaseException) -> None:
 def make_registry(config: Config) -> ModelRegistry:
     from edge_runtime.registry import bundled_models_dir
 
-    roots = [Path(p) for p in config.models.paths] + [bundled_models_dir()]
+    # Versions installed from bundles (edge_runtime/ota) come first: they are what the hub rolled out.
+    roots = [config.state_dir / "models" / "active"] + [Path(p) for p in config.models.paths] + [bundled_models_dir()]
     return ModelRegistry(roots, Path(config.models.public_key) if config.models.public_key else None)
 
 
@@ -134,6 +135,10 @@ def cmd_infer(args: argparse.Namespace, config: Config) -> int:
 
 # ---------------------------------------------------------------- models
 def cmd_models(args: argparse.Namespace, config: Config) -> int:
+    if args.action != "list":  # model updates: edge_runtime/ota
+        from edge_runtime.ota.commands import run
+
+        return run(args, config, lambda kind: engine_options(config, kind))
     registry = make_registry(config)
     rows = []
     status = 0
@@ -194,6 +199,10 @@ def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from edge_runtime.check import model_problems
 
     problems = model_problems(config, make_registry(config))  # nothing starts half-configured
+    from edge_runtime.ota.wiring import installed_source_keys
+
+    # A version installed from a bundle that does not load is rolled back by the daemon at start (edge_runtime/ota).
+    problems = [p for p in problems if p.key not in installed_source_keys(config)]
     if problems:
         raise EdgeError(problems[0].file, problems[0].line().removeprefix(f"{problems[0].file}: "))
     # A daemon logs its lifecycle at INFO by default (journald keeps it); -v still means DEBUG.
@@ -301,6 +310,9 @@ def status_report(url: str) -> dict:
                         "frames_in": frames_in.get(n, 0.0), "dropped": dropped.get(n, 0.0),
                         "errors": errors.get(n, 0.0), "quarantined": quarantined.get(n, 0.0)} for n in sources},
         "models": models,
+        "model_updates": {labels["model"]: {k: labels.get(k, "") for k in ("active", "previous", "installed", "result",
+                                                                           "version", "reason")}
+                          for labels, _ in s.get("edge_model_update_info", [])},
         "pacs": _pacs_report(s, PACS_COUNTERS),
     }
 
@@ -375,6 +387,9 @@ def render_status(report: dict) -> list[str]:
                                     "switches"])
         lines.append("p50/p99: " + ("histogram estimates (bucket interpolation)" if estimated else
                                     "exact, over each model's recent findings"))
+    for name, u in report.get("model_updates", {}).items():
+        lines.append(f"model {name}: active {u['active'] or '-'}, previous {u['previous'] or '-'}, installed "
+                     f"{u['installed'] or '-'}; last {u['result'] or '-'} {u['version']}: {u['reason'] or '-'}")
     return lines
 
 
@@ -457,9 +472,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM, PNG or JPEG files")
     p.set_defaults(func=cmd_infer)
 
-    p = sub.add_parser("models", help="installed models")
-    p.add_argument("action", nargs="?", choices=["list"], default="list")
+    from edge_runtime.ota.commands import ACTIONS, add_arguments as add_models_arguments
+
+    p = sub.add_parser("models", help="installed models; signed bundles: pack, verify, install, rollback, status",
+                       description="list: the models the registry finds. pack FOLDER --key K --out B: a signed "
+                                   "bundle; verify B; install B (self-test, atomic activation); rollback NAME; "
+                                   "status: installed/active/previous versions; keygen --key K --out PUB; publish B "
+                                   "(hub side, MQTT).")
+    p.add_argument("action", nargs="?", choices=["list", *ACTIONS], default="list")
     p.add_argument("--json", action="store_true")
+    add_models_arguments(p)
     p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("doctor", help="check engines, devices, decoders and model integrity",

@@ -52,6 +52,13 @@ class EngineSection:
 class ModelsSection:
     paths: list[str] = field(default_factory=list)  # searched before the bundled models
     public_key: str = ""  # ed25519 key; when set, every manifest must be signed
+    # Model updates (edge_runtime/ota): bundles installed into <state_dir>/models, see README "Model updates".
+    max_bundle_bytes: int = 256 << 20  # a bundle (file or MQTT chunks) over this is refused
+    incoming_ttl_s: float = 7 * 24 * 3600.0  # a half-received MQTT bundle with no new chunk this long is discarded
+    health_window_s: float = 300.0  # a new version is watched this long after the switch
+    health_max_errors: int = 3  # worker errors on the new version within the window that roll it back
+    health_min_frames: int = 20  # findings before the out-of-scope rate of the new version is judged
+    health_max_unassessed_increase: float = 0.3  # out-of-scope rate this far above the old version's: roll back
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,26 @@ def model_checks(config: Config, registry: ModelRegistry, load_models: bool) -> 
     return checks
 
 
+def installed_model_checks(config: Config) -> list[dict[str, str]]:
+    """Versions installed from bundles (edge_runtime/ota): what is active, what a rollback returns to, the last
+    install's result. A last result that refused or failed is a warning: the hub should know why."""
+    from edge_runtime.ota.commands import status_rows
+
+    try:
+        rows = status_rows(config)
+    except EdgeError as exc:
+        return [_check("installed versions", "fail", str(exc))]
+    if not rows:
+        return [_check("installed versions", "ok", "none installed from bundles; the bundled models run")]
+    checks = []
+    for r in rows:
+        bad = r["last"].split(" ", 1)[0] in ("refused", "failed", "rolled-back")
+        checks.append(_check(r["name"], "warn" if bad else "ok",
+                             f"active {r['active']}, previous {r['previous']}, installed {r['installed']}, "
+                             f"rolled back {r['rolled_back']}; last: {r['last']}"))
+    return checks
+
+
 def configuration_checks(config: Config, registry: ModelRegistry) -> list[dict[str, str]]:
     """With --config: each source opened briefly and the broker reached, as `edge-runtime check` does; a source
     that cannot work fails doctor (a dead video device must not read as 'all checks passed')."""
@@ -192,6 +212,7 @@ def run_checks(config: Config, registry: ModelRegistry, load_models: bool = True
         {"title": "Engines and devices", "checks": engine_checks()},
         {"title": "DICOM decoders", "checks": decoder_checks()},
         {"title": "Models", "checks": model_checks(config, registry, load_models)},
+        {"title": "Installed model versions", "checks": installed_model_checks(config)},
     ]
     echoed = False  # with the daemon running, the configuration checks already C-ECHO its SCPs
     if config.source_path and (config.sources or config.mqtt.broker):

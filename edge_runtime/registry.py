@@ -360,13 +360,18 @@ def verify_signature(folder: Path, public_key_path: Path) -> None:
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
     name = folder.name
-    key_bytes = Path(public_key_path).read_bytes()
-    if b"BEGIN PUBLIC KEY" in key_bytes:
-        key = load_pem_public_key(key_bytes)
-        if not isinstance(key, Ed25519PublicKey):
-            raise ConfigError(str(public_key_path), "public key is not an ed25519 key")
-    else:
-        key = Ed25519PublicKey.from_public_bytes(key_bytes[:32])
+    try:  # a damaged or wrong key file is one line naming it, not a traceback
+        key_bytes = Path(public_key_path).read_bytes()
+        if b"BEGIN PUBLIC KEY" in key_bytes:
+            key = load_pem_public_key(key_bytes)
+            if not isinstance(key, Ed25519PublicKey):
+                raise ConfigError(str(public_key_path), "public key is not an ed25519 key")
+        else:
+            key = Ed25519PublicKey.from_public_bytes(key_bytes[:32])
+    except (OSError, ValueError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not a PEM public key or 32 raw bytes"
+        raise ConfigError(str(public_key_path), f"key 'models.public_key': cannot read an ed25519 public key "
+                                                f"({why})") from None
     sig_path = folder / SIGNATURE
     if not sig_path.is_file():
         raise ModelError(name, f"unsigned manifest: {sig_path} is missing and a model public key is configured")
@@ -410,11 +415,17 @@ class ModelRegistry:
             if not root.is_dir():
                 continue
             for manifest in sorted(root.glob(f"*/{MANIFEST}")):
-                found.setdefault(manifest.parent.name, manifest.parent)
+                # Resolved: an installed version is a link (state dir models/active/<name>), and a manifest
+                # read must keep naming that version's files after the link is switched to another.
+                found.setdefault(manifest.parent.name, manifest.parent.resolve())
         return found
 
     def names(self) -> list[str]:
         return sorted(self.folders())
+
+    def forget(self, name: str) -> None:
+        """Drop a cached manifest: the next get() reads the model folder again (after an install or rollback)."""
+        self._cache.pop(name, None)
 
     def get(self, name: str) -> ModelManifest:
         if name in self._cache:

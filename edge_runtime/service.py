@@ -175,6 +175,13 @@ class Service:
         self.windows: dict[str, deque[float]] = {}  # model -> recent capture-to-result ms (exact percentiles)
         self._source_alarms: set[str] = set()
         self._status_line = ""  # the source states last sent as sd_notify STATUS
+        from edge_runtime.cli import engine_options
+        from edge_runtime.ota.wiring import agent_from_config
+
+        # Model updates (edge_runtime/ota): bundles from MQTT or `models install`, switched to between items.
+        self.ota = agent_from_config(config, self.identity, lambda kind: engine_options(config, kind))
+        self.ota.switch = self.switch_model
+        self._link_synced: dict[str, str] = {}  # model -> the linked version a switch was last asked for
         self._export_states()
 
         from edge_runtime.imaging.isolation import DecodePool
@@ -198,9 +205,19 @@ class Service:
         self.outbox = Outbox.from_config(self.config)
         self.metrics.watch("edge_outbox", self.outbox.stats, counters=OUTBOX_COUNTERS,
                            gauges=("rows", "bytes", "sent_unstored"))
+        recovered = self.ota.installer.recover()  # an install a crash interrupted: finished or discarded
+        for outcome in recovered:
+            log.warning("models: after the restart: %s", outcome.line())
         for src in self.config.sources:
             if src.model not in self.runners:
-                self.runners[src.model] = ModelRunner(self, src.model)
+                self.runners[src.model] = self._load_runner(src.model)
+        for outcome in recovered:  # a version activated just now is on probation as after a live switch
+            if outcome.result == "activated" and outcome.name in self.runners \
+                    and self.runners[outcome.name].manifest.version == outcome.version:
+                self.ota.start_probation(outcome.name, outcome.version)
+        for model, runner in self.runners.items():  # a restart inside a new version's health window
+            if self.ota.health.watching(model) is None:
+                self.ota.resume_probation(model, runner.manifest.version)
         if any(s.kind in ("dicom-folder", "dicom-scp") for s in self.config.sources):
             self.decoder.start()  # the workers import their decoders on their own; readiness does not wait
             self.metrics.watch("edge_decode", self.decoder.stats, counters=DECODE_COUNTERS, gauges=("workers",))
@@ -208,6 +225,8 @@ class Service:
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
+        self.ota.start()
+        self.ota.report_event({"result": "started", "step": "start", "reason": "daemon started"})
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
         for source in self.live_sources:  # "ready" must say whether the probe is really there
             source.first_attempt.wait(max(0.0, deadline - time.monotonic()))
@@ -218,6 +237,67 @@ class Service:
         self._status_line = self._states_shape()
         sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s; {text}")
         log.log(logging.WARNING if degraded else logging.INFO, "ready in %.2f s; %s", self.ready_s, text)
+
+    def _load_runner(self, model: str) -> ModelRunner:
+        """The model's runner; an installed version that does not load is rolled back and the previous one used."""
+        try:
+            return ModelRunner(self, model)
+        except EdgeError as exc:
+            if self.ota.store.linked_version(model) is None:
+                raise
+            reason = f"version {self.ota.store.linked_version(model)} failed to load at start-up: {exc.reason}"
+            try:
+                self.ota.installer.rollback(model, reason)
+            except EdgeError as no_way_back:
+                raise EdgeError(model, f"{reason}; no rollback: {no_way_back.reason}") from None
+            self.registry.forget(model)
+            return ModelRunner(self, model)
+
+    def switch_model(self, model: str) -> str | None:
+        """Load the model's active version beside the running one and swap it in; workers pick it up at their
+        next item (a study in progress finishes on the version it started with). None, or why it failed."""
+        if model not in self.runners:
+            return None  # no source uses it: the next start loads it
+        self.registry.forget(model)
+        try:
+            runner = ModelRunner(self, model)
+        except EdgeError as exc:
+            self.registry.forget(model)
+            return exc.reason
+        old = self.runners[model]
+        for src in self.config.sources:
+            budget = self.budgets.get(src.name)
+            if src.model == model and budget is not None and runner.order != old.order:
+                # other variants: a fresh controller over them (live sources only have budgets)
+                fps = next((s.fps for s in self.live_sources if s.name == src.name), 0.0)
+                self.budgets[src.name] = BudgetController(budget.budget_ms, build_levels(runner.order, fps),
+                                                          name=src.name)
+        self.runners[model] = runner
+        log.info("models: %s switched from %s to %s without a restart", model, old.manifest.version,
+                 runner.manifest.version, extra={"model": model})
+        return None
+
+    def _check_model_links(self) -> None:
+        """A version installed or rolled back by hand (CLI) while we run: switch to what the link names now."""
+        if not self.ota.idle():
+            return  # an install of the agent's own switches when it is done
+        for model, runner in list(self.runners.items()):
+            linked = self.ota.store.linked_version(model)
+            if linked is None:
+                base = self.ota.baseline(model)
+                linked = base[0] if base else None
+            if linked is not None and linked != runner.manifest.version and self._link_synced.get(model) != linked:
+                self._link_synced[model] = linked  # asked once per change; a failed load rolls the link back
+                self.ota.request_sync(model, linked)
+
+    def _check_model_health(self) -> None:
+        trips, passed = self.ota.health.check()
+        for model, version, why in trips:
+            log.error("models: %s %s: %s; rolling back", model, version, why)
+            self.ota.request_rollback(model, f"{version}: {why}")
+        for model, version in passed:
+            self.ota.request_confirm(model, version, f"healthy through its first "
+                                                    f"{self.config.models.health_window_s:.0f} s")
 
     def _serve_metrics(self) -> int:
         host, port = self.config.service.metrics_host, self.config.service.metrics_port
@@ -294,10 +374,23 @@ class Service:
         m.watch_labeled("edge_source_next_retry_seconds", "Unix time a down source is next tried", ["source"],
                         lambda: [((n,), s.next_retry) for n, s in self.source_states().items()
                                  if s.state == "down" and s.next_retry is not None])
+        m.watch_labeled("edge_model_update_info", "Model versions installed from bundles: active, previous and the "
+                        "last install result with its reason (value 1)",
+                        ["model", "active", "previous", "installed", "result", "version", "reason"],
+                        self._model_update_info)
         m.watch_labeled("edge_latency_window_ms", f"Exact capture-to-result percentiles over the last {LATENCY_WINDOW} "
                         "findings per model (not bucket estimates)", ["model", "quantile"], self._window_quantiles)
         m.watch_labeled("edge_budget_level_info", "The operating point each live source runs at (value 1); rate 0 = "
                         "every frame", ["model", "source", "level", "variant", "rate"], self._level_info)
+
+    def _model_update_info(self) -> list[tuple[tuple[str, ...], float]]:
+        out = []
+        for name, d in self.ota.status()["models"].items():
+            last = d.get("last") or {}
+            out.append(((name, str(d["active"] or ""), str(d["previous"] or ""), ",".join(d["installed"]),
+                         str(last.get("result", "")), str(last.get("version") or ""), str(last.get("reason", ""))),
+                        1.0))
+        return out
 
     def _window_quantiles(self) -> list[tuple[tuple[str, str], float]]:
         out = []
@@ -320,6 +413,9 @@ class Service:
         if uplink is not None:
             uplink.alarms = self.current_alarms  # telemetry carries the active alarms (sources down too long)
             uplink.live = self.live_summaries  # ... and each live stream's last minute, never per-frame rows
+            for topic in (self.ota.topic_device, self.ota.topic_site):  # model bundles from the hub
+                uplink.subscribe(topic, self.ota.on_bundle_message)
+            self.ota.publish = uplink.post
             self.metrics.watch("edge_uplink", uplink.stats, counters=UPLINK_COUNTERS, gauges=("inflight", "window"))
             uplink.start()
         return uplink
@@ -538,6 +634,7 @@ class Service:
         m = self.metrics
         dropped_seen = 0
         while not self.stop_event.is_set():
+            runner, budget = self.runners[src.model], self.budgets[src.name]  # a model update switches between frames
             frame = slot.get(0.2)
             progress.beat = time.monotonic()
             if slot.dropped > dropped_seen:
@@ -559,6 +656,8 @@ class Service:
             if decision is Decision.PROBE:  # a frame the rate cap skips anyway: measure the level above on it
                 self._probe(src, budget, runner, frame, progress, wait_ms=age_ms)
                 continue
+            if budget.level.variant not in runner.predictors:
+                continue  # the runner was switched to a new version a moment before its budget levels
             predictor = runner.get(budget.level.variant)
             progress.start_item()
             started = time.monotonic()
@@ -574,8 +673,17 @@ class Service:
                     tracker.failed(frame)
                 live.failed()
                 continue
+            except Exception as exc:
+                if self.ota.health.watching(model) != predictor.manifest.version:
+                    raise  # a bug: the worker guard logs it and the watchdog acts
+                # A version on probation: its faults count toward rolling it back instead of ending the worker.
+                m.worker_errors.labels(src.name).inc()
+                self.ota.health.error(model, predictor.manifest.version, f"{type(exc).__name__}: {exc}")
+                log.exception("%s: %s %s failed on a frame", src.name, model, predictor.manifest.version)
+                continue
             finally:
                 progress.end_item()
+            self._observe_health(predictor, prediction)
             self._record(model, frame, prediction.capture_to_result_ms, budget.budget_ms, prediction.head.priority,
                          counted=committed)
             self._keep_local(src, live, tracker, frame, predictor, prediction, budget.budget_ms)
@@ -618,9 +726,10 @@ class Service:
 
     def _study_worker(self, src: SourceSection, folder, runner: ModelRunner, progress: Progress) -> None:
         m = self.metrics
-        predictor = runner.get(runner.order[0])  # studies are not live: always the best variant
-        budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
         while not self.stop_event.is_set():
+            runner = self.runners[src.model]  # per item: a model update switches between studies
+            predictor = runner.get(runner.order[0])  # studies are not live: always the best variant
+            budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
             m.inbox_depth.labels(src.name).set(folder.depth())
             item = folder.next_item()
             progress.beat = time.monotonic()
@@ -662,6 +771,7 @@ class Service:
             self._end(item.release)
         except Exception as exc:  # an engine fault, a bug, an I/O error moving the file
             m.worker_errors.labels(src.name).inc()
+            self.ota.health.error(predictor.manifest.name, predictor.manifest.version, f"{type(exc).__name__}: {exc}")
             log.exception("%s: %s failed; it stays in the inbox and is retried", src.name, item.path.name)
             self._end(item.release, f"{type(exc).__name__}: {exc}")
 
@@ -730,10 +840,17 @@ class Service:
                 prediction = predictor.predict(frame, explain=True)
             else:
                 prediction = predictor.predict(frame)
+            self._observe_health(predictor, prediction)
             finding = self._finding(frame, predictor, prediction, budget_ms)
             self._commit(finding, items[index], self._pacs_deliveries(src, item.path.name, inp, index, manifest))
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
         return finding
+
+    def _observe_health(self, predictor: Predictor, prediction) -> None:
+        """Every frame and study a version reads counts toward its health rule, whether or not it becomes a
+        finding of its own (in exam mode frames do not)."""
+        self.ota.health.observe(predictor.manifest.name, predictor.manifest.version,
+                                prediction.head.result.get("assessed", True) is not False)
 
     def _finding(self, frame: Frame, predictor: Predictor, prediction, budget_ms: float) -> dict:
         return build_finding(identity=self.identity, seq=0, frame=frame, model=predictor.ref, head=prediction.head,
@@ -785,6 +902,8 @@ class Service:
             log.error("stalled: %s; withholding the watchdog ping", ", ".join(stalled))
         self._update_gauges()
         self._check_source_alarms()
+        self._check_model_health()
+        self._check_model_links()
         return stalled
 
     def _update_gauges(self) -> None:
@@ -838,6 +957,7 @@ class Service:
         if busy:
             log.error("%s did not finish within %.0f s", ", ".join(busy), self.config.service.stop_timeout_s)
             status = 1
+        self.ota.stop(timeout=max(0.1, deadline - time.monotonic()))
         if self.uplink is not None:
             self.uplink.stop(timeout=max(0.5, deadline - time.monotonic()))
         if self.pacs is not None:  # a report in flight is sent again at the next start: same object, no duplicate

@@ -49,6 +49,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,6 +200,13 @@ class Uplink:
         self._next_receipt_sweep = 0.0
         self._malformed_logged = False
         self._net: NetworkWatch | None = None
+        # Hooks for other device features (model bundles): topics subscribed at QoS 1 on every connection, each
+        # with a handler called on this thread inside paho's loop (it must be quick; the PUBACK follows its
+        # return, so a handler that stores the message durably loses nothing), and messages to publish.
+        self.subscriptions: dict[str, Callable[[bytes], None]] = {}
+        self._posts: deque[tuple[str, bytes, bool]] = deque(maxlen=256)
+        self._retained: dict[str, bytes] = {}  # last retained post per topic, published again after each connect
+        self._receipt_mid: int | None = None
 
     @classmethod
     def from_config(cls, outbox: Outbox, config, identity: DeviceIdentity) -> "Uplink | None":
@@ -207,6 +215,16 @@ class Uplink:
             log.warning("no [mqtt] broker configured: findings are kept in the outbox only")
             return None
         return cls(outbox, config.mqtt, identity, where=config.source_path or "configuration")
+
+    def subscribe(self, topic: str, handler: Callable[[bytes], None]) -> None:
+        """Receive `topic` (QoS 1) from the next connection on; call before start()."""
+        self.subscriptions[topic] = handler
+
+    def post(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish (QoS 1) from any thread, when the link is up; a retained one is repeated after each connect."""
+        if retain:
+            self._retained[topic] = payload
+        self._posts.append((topic, payload, retain))
 
     # ------------------------------------------------------------ lifecycle
     def start(self) -> "Uplink":
@@ -388,8 +406,11 @@ class Uplink:
                 self._requeue_owed = not self.cfg.require_receipts
             if self._requeue_owed:
                 self._requeue_recent()
+            for topic in self.subscriptions:  # every connect, as the receipts: a lost session lost them too
+                client.subscribe(topic, qos=1)
+            self._posts.extend((t, p, True) for t, p in list(self._retained.items()))
             if self.cfg.require_receipts:
-                client.subscribe(self.topic_receipts, qos=1)  # every connect: a lost session lost it too
+                self._receipt_mid = client.subscribe(self.topic_receipts, qos=1)[1]
                 self._connected_at = time.monotonic()
                 self._connected_wall = self.outbox.clock()
                 self._connect_resend_due = True
@@ -482,6 +503,9 @@ class Uplink:
                         tokens -= 1
             elif now < self._hold_until:
                 timeout = min(timeout, self._hold_until - now)
+            while self._posts:
+                topic, payload, retain = self._posts.popleft()
+                client.publish(topic, payload, qos=1, retain=retain)
             rc = client.loop(timeout)
             self._flush_acks()
             if rc != mqtt.MQTT_ERR_SUCCESS:
@@ -638,6 +662,10 @@ class Uplink:
         self.window = max(1, window)
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        if mid != self._receipt_mid:
+            if any(getattr(r, "is_failure", False) for r in reason_codes):
+                log.warning("uplink: the broker refused a subscription (%s); allow it in the ACL", reason_codes)
+            return
         self._subacked = True
         if any(getattr(r, "is_failure", False) for r in reason_codes):
             log.warning("uplink: the broker refused the receipts subscription %s (%s): findings are re-sent every "
@@ -647,6 +675,13 @@ class Uplink:
     def _on_message(self, client, userdata, message) -> None:
         """A hub receipt: {"device_id", "site", "finding_ids": [...]}. Ids are collected here and marked stored
         in _flush_acks (outside paho's callback)."""
+        handler = self.subscriptions.get(message.topic)
+        if handler is not None:
+            try:
+                handler(message.payload)
+            except Exception:  # noqa: BLE001 - a feature's bug must not end delivery
+                log.exception("uplink: the handler for %s failed", message.topic)
+            return
         if message.topic != self.topic_receipts:
             self.counters["receipt_foreign"] += 1
             return

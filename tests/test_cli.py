@@ -148,7 +148,7 @@ def test_doctor_reports_engines_decoders_and_integrity(config_file, models_root)
     report = json.loads(r.stdout)
     assert r.returncode == 0, r.stdout
     titles = [s["title"] for s in report["sections"]]
-    assert titles == ["System", "Engines and devices", "DICOM decoders", "Models"]
+    assert titles == ["System", "Engines and devices", "DICOM decoders", "Models", "Installed model versions"]
     checks = {c["name"]: c for s in report["sections"] for c in s["checks"]}
     assert "CPU" in checks["onnxruntime"]["detail"] and "CPU" in checks["openvino"]["detail"]
     assert checks["JPEG 2000 Image Compression (Lossless Only)"]["status"] == "ok"
