@@ -52,6 +52,31 @@ def full_image_geometry(geometry: ResizeGeometry, frame: Frame) -> tuple[ResizeG
     return ResizeGeometry(geometry.scale_x / f, geometry.scale_y / f, geometry.pad_x, geometry.pad_y), info.full_size
 
 
+def explanation_in_full_image(explanation: dict | None, frame: Frame) -> dict | None:
+    """An explanation drawn on a frame decoded at 1/f, with its box and image size in the full image's pixels
+    (what the finding's other coordinates use); the grid and the overlay are resolution-free."""
+    info = frame.decode
+    if explanation is None or info is None or info.factor <= 1:
+        return explanation
+    f = int(info.factor)
+    rows, cols = info.full_size
+    b = explanation["bbox"]
+    x0, y0 = b["x"] * f, b["y"] * f
+    x1, y1 = min(cols, (b["x"] + b["width"]) * f), min(rows, (b["y"] + b["height"]) * f)
+    return {**explanation, "image_size": [int(cols), int(rows)],
+            "bbox": {"x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0}}
+
+
+def ellipse_in_decoded_image(ellipse: dict, frame: Frame) -> dict:
+    """The inverse of full_image_geometry's mapping for a head's ellipse: back onto the decoded pixels."""
+    info = frame.decode
+    if info is None or info.factor <= 1:
+        return ellipse
+    f = float(info.factor)
+    return {**ellipse, "center_px": [(c + 0.5) / f - 0.5 for c in ellipse["center_px"]],
+            "axes_px": [a / f for a in ellipse["axes_px"]]}
+
+
 @dataclass
 class Prediction:
     head: HeadResult
@@ -172,7 +197,8 @@ class Predictor:
         logits = logits.reshape(logits.shape[-2:])
         prob = sigmoid(logits) if self.manifest.output.activation == "sigmoid" else logits
         _, mask = segment_ellipse(prob, geometry, frame.pixels.shape[:2], None, self.manifest.segmentation.threshold)
-        return segmentation_explanation(frame.pixels, head.result["ellipse"], mask, self.manifest.explanation.label)
+        return segmentation_explanation(frame.pixels, ellipse_in_decoded_image(head.result["ellipse"], frame), mask,
+                                        self.manifest.explanation.label)
 
     def _gated_head(self, outputs: list[np.ndarray], geometry, frame: Frame) -> HeadResult:
         """The content gate's verdict, else the head's result marked assessed (with how typical the image was)."""
@@ -211,5 +237,5 @@ class Predictor:
         explanation = None
         if self.wants_explanation(head, explain):
             with Stopwatch(frame, "explain"):
-                explanation = self._explain(outputs, geometry, frame, head)
+                explanation = explanation_in_full_image(self._explain(outputs, geometry, frame, head), frame)
         return Prediction(head, (time.monotonic() - frame.captured_at) * 1000.0, explanation)

@@ -284,8 +284,8 @@ NORMAL = KERMANY / "NORMAL" / "IM-0115-0001.jpeg"
 
 
 @needs_shared
-@pytest.mark.parametrize("engine, precision", [("onnxruntime", "fp32"), ("onnxruntime", "int8"),
-                                               ("openvino", "fp32"), ("openvino", "int8")])
+@pytest.mark.parametrize("engine, precision", [("onnxruntime", "fp32"), ("openvino", "fp32"), ("openvino", "int8")])
+# (INT8 on ONNX Runtime is withdrawn by the paced speed guard: the card's "INT8 one study at a time")
 def test_shipped_cxr_variants_return_the_maps_consistent_with_their_logits(engine, precision):
     import onnx
     from onnx import numpy_helper

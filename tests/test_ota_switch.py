@@ -34,7 +34,8 @@ def test_a_live_source_switches_version_between_frames_without_a_restart(tmp_pat
     config_path.write_text(
         f'[device]\nid = "probe-1"\nsite = "ward"\nstate_dir = "{tmp_path / "state"}"\n'
         '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n[service]\nmetrics_port = 0\n'
-        '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 15\n')
+        '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 15\n'
+        'results = "frame"\n')  # a finding per frame, so each frame's version shows
     config = load_config(config_path)
     bundle = bundles.pack(copy_model(shipped("fetal-head"), tmp_path / "build", "1.1.0"), private,
                           tmp_path / "fetal-head-1.1.0.bundle").path
