@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 
 from edge_runtime.heads import HeadResult
-from edge_runtime.heads.geometry import Ellipse, ellipse_mask, hadlock_ga_weeks, segment_ellipse
+from edge_runtime.heads.geometry import Component, Ellipse, ellipse_mask, hadlock_ga_weeks, segment_head
 from edge_runtime.imaging.preprocess import ResizeGeometry
 from edge_runtime.registry import ModelManifest
 
@@ -22,6 +22,19 @@ def ellipse_quality(component: np.ndarray, ellipse: Ellipse) -> float:
     fitted = ellipse_mask(component.shape[:2], ellipse.center_px, ellipse.axes_px, ellipse.angle_deg)
     union = cv2.countNonZero(cv2.bitwise_or(fitted, component))
     return cv2.countNonZero(cv2.bitwise_and(fitted, component)) / union if union else 0.0
+
+
+def component_fit_quality(component: Component, ellipse: Ellipse) -> float:
+    """ellipse_quality on a cropped component: the same IoU, counted where the component can be.
+
+    The fitted ellipse is drawn on the full frame as before (drawing on a crop would shift its fixed-point
+    vertices); the intersection needs only the component's crop, and the union is |fitted| + |component| - it."""
+    fitted = ellipse_mask(component.image_hw, ellipse.center_px, ellipse.axes_px, ellipse.angle_deg)
+    h, w = component.mask.shape
+    inside = fitted[component.y : component.y + h, component.x : component.x + w]
+    inter = cv2.countNonZero(cv2.bitwise_and(inside, component.mask))
+    union = cv2.countNonZero(fitted) + component.area - inter
+    return inter / union if union else 0.0
 
 
 class SegmentationHead:
@@ -44,15 +57,15 @@ class SegmentationHead:
         logits = np.asarray(output, dtype=np.float32)
         logits = logits.reshape(logits.shape[-2:])
         prob = sigmoid(logits) if self.activation == "sigmoid" else logits
-        ellipse, component = segment_ellipse(prob, geometry, image_hw, pixel_spacing_mm, self.spec.threshold)
-        area_fraction = cv2.countNonZero(component) / float(image_hw[0] * image_hw[1]) if ellipse else 0.0
+        ellipse, component = segment_head(prob, geometry, image_hw, pixel_spacing_mm, self.spec.threshold)
+        area_fraction = component.area / float(image_hw[0] * image_hw[1]) if ellipse else 0.0
         if ellipse is None or area_fraction < self.spec.min_area_fraction:
             reason = f"no fetal head found in the frame (head mask {area_fraction:.1%} of the image, " \
                      f"at least {self.spec.min_area_fraction:.1%} needed)"
             result = {"detected": False, "measurements": {}, "reason": reason,
                       "note": "no fetal head found in the frame"}
             return HeadResult(self.task, result, "routine")
-        quality = ellipse_quality(component, ellipse)
+        quality = component_fit_quality(component, ellipse)
         if quality < self.spec.min_fit_quality:
             reason = (f"no measurable fetal head: the mask fits an ellipse with quality {quality:.2f}, "
                       f"below {self.spec.min_fit_quality:.2f}")
