@@ -8,18 +8,17 @@ import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
 from edge_runtime import __version__
 from edge_runtime.config import Config, load_config
 from edge_runtime.telemetry import LOG_LEVELS
-from edge_runtime.engines import EngineOptions
+from edge_runtime.engines import options_from_config
 from edge_runtime.errors import ConfigError, EdgeError, InputError
 from edge_runtime.findings import DeviceIdentity, SequenceCounter, build_finding, to_json
 from edge_runtime.frames import Frame, StudyRef
 from edge_runtime.imaging.deid import load_or_create_key, pseudonym
 from edge_runtime.imaging.inputs import InputImage
-from edge_runtime.registry import ModelRegistry
+from edge_runtime.registry import registry_from_config
 
 PROG = "edge-runtime"
 
@@ -29,25 +28,9 @@ def error_line(exc: BaseException) -> None:
     print(f"{PROG}: {exc}", file=sys.stderr, flush=True)
 
 
-def make_registry(config: Config) -> ModelRegistry:
-    from edge_runtime.registry import bundled_models_dir
-
-    # Versions installed from bundles (edge_runtime/ota) come first: they are what the hub rolled out.
-    roots = [config.state_dir / "models" / "active"] + [Path(p) for p in config.models.paths] + [bundled_models_dir()]
-    return ModelRegistry(roots, Path(config.models.public_key) if config.models.public_key else None)
-
-
-def engine_options(config: Config, kind: str) -> EngineOptions:
-    e = config.engine
-    devices = e.onnxruntime_devices if kind == "onnxruntime" else e.openvino_devices if kind == "openvino" else None
-    return EngineOptions(
-        devices=tuple(devices) if devices else None,
-        threads=e.threads or None,
-        cache_dir=config.cache_dir,
-        precision_hint=e.openvino_precision,
-        warmup_runs=e.warmup_runs,
-        allow_spinning=e.allow_spinning,
-    )
+# The daemon's wiring lives below cli; these names stay for the commands (and tests) that use them.
+make_registry = registry_from_config
+engine_options = options_from_config
 
 
 def study_ref(inp: InputImage, key: bytes, frame_index: int) -> StudyRef:

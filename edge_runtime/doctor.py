@@ -101,7 +101,7 @@ def decoder_checks() -> list[dict[str, str]]:
 
 
 def model_checks(config: Config, registry: ModelRegistry, load_models: bool) -> list[dict[str, str]]:
-    from edge_runtime.cli import engine_options
+    from edge_runtime.engines import options_from_config as engine_options
     from edge_runtime.engines import available_devices, load_engine
 
     checks = []

@@ -442,3 +442,10 @@ class ModelRegistry:
             raise ConfigError(str(folder / MANIFEST), f"key 'name' is {manifest.name!r} but the folder is {name!r}")
         self._cache[name] = manifest
         return manifest
+
+
+def registry_from_config(config) -> ModelRegistry:
+    """The registry a configuration names (config: edge_runtime.config.Config). Versions installed from bundles
+    (edge_runtime/ota) come first: they are what the hub rolled out; then models.paths, then the shipped models."""
+    roots = [config.state_dir / "models" / "active"] + [Path(p) for p in config.models.paths] + [bundled_models_dir()]
+    return ModelRegistry(roots, Path(config.models.public_key) if config.models.public_key else None)

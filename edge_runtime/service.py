@@ -114,7 +114,7 @@ class ModelRunner:
         registry = service.registry
         manifest = registry.get(model)
         kind = service.engine_kind
-        from edge_runtime.cli import engine_options
+        from edge_runtime.engines import options_from_config as engine_options
 
         options = engine_options(cfg, kind)
         precisions = [cfg.engine.precision] + [p for p in ("int8",) if p != cfg.engine.precision]
@@ -141,7 +141,7 @@ class ModelRunner:
 
 class Service:
     def __init__(self, config: Config) -> None:
-        from edge_runtime.cli import make_registry
+        from edge_runtime.registry import registry_from_config as make_registry
         from edge_runtime.malloc import limit_arenas
 
         limit_arenas(config.service.malloc_arenas)  # before any engine starts its threads
@@ -175,7 +175,7 @@ class Service:
         self.windows: dict[str, deque[float]] = {}  # model -> recent capture-to-result ms (exact percentiles)
         self._source_alarms: set[str] = set()
         self._status_line = ""  # the source states last sent as sd_notify STATUS
-        from edge_runtime.cli import engine_options
+        from edge_runtime.engines import options_from_config as engine_options
         from edge_runtime.ota.wiring import agent_from_config
 
         # Model updates (edge_runtime/ota): bundles from MQTT or `models install`, switched to between items.

@@ -90,3 +90,17 @@ def load_engine(kind: str, model_path: Path, input_shape: tuple[int, ...], optio
         log.info("%s: skipped %s", kind, reason)
     warm_up(engine, input_shape, options.warmup_runs)
     return engine
+
+
+def options_from_config(config, kind: str) -> EngineOptions:
+    """The [engine] section's options for one engine kind (config: edge_runtime.config.Config)."""
+    e = config.engine
+    devices = e.onnxruntime_devices if kind == "onnxruntime" else e.openvino_devices if kind == "openvino" else None
+    return EngineOptions(
+        devices=tuple(devices) if devices else None,
+        threads=e.threads or None,
+        cache_dir=config.cache_dir,
+        precision_hint=e.openvino_precision,
+        warmup_runs=e.warmup_runs,
+        allow_spinning=e.allow_spinning,
+    )
