@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edge_runtime.errors import EdgeError
+from edge_runtime.ota.bundle import fsync_dir
 
 BUNDLED = "bundled"  # 'previous' when the version before the first install is the shipped one
 HISTORY = 20
@@ -51,15 +52,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def utc_now() -> str:
@@ -183,7 +176,7 @@ class ModelStore:
                 raise StoreError(name, f"version {version} is active; it cannot be replaced")
             shutil.rmtree(final)
         os.replace(staged, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
         return final
 
     def link(self, name: str, version: str | None) -> None:
@@ -208,7 +201,7 @@ class ModelStore:
 
             halt_point("activating")  # tests: a crash with the new link made but not yet renamed
             os.replace(tmp, link)
-        _fsync_dir(self.active_dir)
+        fsync_dir(self.active_dir)
 
     def activate(self, name: str, version: str, content_id: str, bundled_version: str | None) -> ModelState:
         """Switch to an installed version; the one running before becomes 'previous'."""
