@@ -238,10 +238,11 @@ def run_demo(args, config: Config) -> int:
         lost = committed - received - queued
         print(f"  uplink: {len(committed)} findings committed; {len(received & committed)} reached the collector, "
               f"{len(queued)} still queued at stop (kept in the outbox for the next link), {len(lost)} lost", file=out)
-        total, thumbs = hub_bytes(state / "hub.sqlite")
-        print(f"  over MQTT: {total / 1024:.1f} KB of findings ({(total - thumbs) / 1024:.1f} KB without the key-frame "
-              f"thumbnails, {thumbs / 1024:.1f} KB of thumbnails), {(total - thumbs) / 1024 / (seconds / 60):.1f} KB "
-              "per minute without them", file=out)
+        exams, thumbs, studies = hub_bytes(state / "hub.sqlite")
+        print(f"  over MQTT: {(exams - thumbs) / 1024:.1f} KB of exam findings without their key-frame thumbnails "
+              f"({(exams - thumbs) / 1024 / (seconds / 60):.1f} KB per minute of scanning), {thumbs / 1024:.1f} KB of "
+              f"thumbnails (one per exam), {studies / 1024:.1f} KB of study findings (the chest CR; with its "
+              "explanation overlay when it is urgent or needs review)", file=out)
         if lost:
             status = 1
     else:
@@ -317,21 +318,26 @@ def stored_states(outbox_path: Path) -> dict[str, str]:
         return outbox.finding_ids()
 
 
-def hub_bytes(path: Path) -> tuple[int, int]:
-    """(payload bytes of the findings the collector stored, the part of them that is key-frame thumbnails)."""
+def hub_bytes(path: Path) -> tuple[int, int, int]:
+    """Payload bytes the collector stored: (exam findings, the key-frame thumbnails inside them, other findings)."""
     import json
     import sqlite3
 
     if not path.exists():
-        return 0, 0
+        return 0, 0, 0
     conn = sqlite3.connect(path)
     try:
-        total = thumbs = 0
+        exams = thumbs = others = 0
         for (payload,) in conn.execute("SELECT payload FROM findings"):
-            total += len(payload.encode("utf-8"))
-            thumb = json.loads(payload).get("exam", {}).get("key_frame", {}).get("thumbnail")
+            size = len(payload.encode("utf-8"))
+            exam = json.loads(payload).get("exam")
+            if exam is None:
+                others += size
+                continue
+            exams += size
+            thumb = exam.get("key_frame", {}).get("thumbnail")
             thumbs += len(json.dumps(thumb, separators=(",", ":"))) if thumb else 0
-        return total, thumbs
+        return exams, thumbs, others
     finally:
         conn.close()
 
