@@ -81,8 +81,10 @@ def model_problems(config: Config, registry: ModelRegistry) -> list[Problem]:
             out.append(Problem(where, key, f"source {src.name!r} names model {src.model!r}, which is not installed "
                                            f"(installed: {', '.join(names) or 'none'})", hint))
             continue
-        try:
-            registry.get(src.model).variant(kind, config.engine.precision)
+        try:  # the daemon runs a model's fp32 where the configured precision has no variant on this engine
+            manifest = registry.get(src.model)
+            if not manifest.precisions_to_load(kind, config.engine.precision):
+                manifest.variant(kind, config.engine.precision)
         except EdgeError as exc:
             out.append(Problem(where, key, f"source {src.name!r}: {exc}", "fix the model folder, or choose another "
                                                                           "engine.kind / engine.precision"))

@@ -552,6 +552,11 @@ def main(argv: list[str] | None = None) -> int:
     except EdgeError as exc:
         error_line(exc)
         return 2
+    except OSError as exc:  # a path given on the command line that cannot be read or written: one line, no traceback
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"edge-runtime {getattr(args, 'command', '') or ''}: {where}{exc.strerror or exc}".replace("  ", " "),
+              file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0 if getattr(args, "watch", False) else 130
 

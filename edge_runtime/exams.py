@@ -52,7 +52,7 @@ from edge_runtime.keyframe import key_frame_jpeg
 
 # Why a frame of an open exam was not used (the keys of exam.frames_rejected).
 REJECTIONS = ("no_head", "scope", "fit", "area", "no_spacing", "unstable")
-END_REASONS = ("target_absent", "max_duration", "feed_silent", "stop")
+END_REASONS = ("target_absent", "max_duration", "feed_silent", "stop", "model_switch")
 
 log = logging.getLogger("edge_runtime.exams")
 
@@ -410,7 +410,9 @@ def key_frame_explanation(summary: ExamSummary) -> dict[str, Any] | None:
         return segmentation_explanation(key.frame.pixels, key.result["ellipse"])
     except ExplanationUnavailable as exc:
         log.info("exam %s: explanation left out: %s", summary.exam_id, exc)
-        return None
+    except Exception as exc:  # a bug in drawing must not cost the exam its finding
+        log.warning("exam %s: explanation left out: internal error %s: %s", summary.exam_id, type(exc).__name__, exc)
+    return None
 
 
 def describe(summary: ExamSummary) -> str:

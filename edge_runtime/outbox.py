@@ -180,6 +180,19 @@ def _is_full(exc: sqlite3.Error) -> bool:
     return "full" in str(exc).lower()
 
 
+def delivery_copy(finding: dict[str, Any]) -> dict[str, Any]:
+    """The finding as another destination (the PACS) keeps it while owed: without its pictures (the explanation's
+    overlay and grid, the exam's key-frame thumbnail). They can be 30 KB a finding, a report carries none of them,
+    and a PACS down for days must not grow the outbox past its byte cap with copies of them."""
+    slim = {k: v for k, v in finding.items() if k != "explanation"}
+    if "explanation" in finding:
+        slim["explanation"] = {k: v for k, v in finding["explanation"].items() if k not in ("overlay", "grid")}
+    key_frame = (finding.get("exam") or {}).get("key_frame")
+    if isinstance(key_frame, dict) and "thumbnail" in key_frame:
+        slim["exam"] = {**finding["exam"], "key_frame": {k: v for k, v in key_frame.items() if k != "thumbnail"}}
+    return slim
+
+
 def _rollback(conn: sqlite3.Connection) -> None:
     """End a failed write transaction. A rollback that fails too (the connection is broken) is not the error to
     report: the caller raises the one that made it roll back."""
@@ -427,14 +440,17 @@ class Outbox:
             meta["bytes"] += size
             meta[f"pending_rows_{rank}"] += 1
             meta[f"pending_bytes_{rank}"] += size
+            copy = None  # what an owed destination keeps of the finding, made once
             for destination, local in (deliveries or {}).items():
                 if isinstance(local, str):  # not owed, and why
                     conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, state, payload, local, "
                                  "detail, created_at, done_at) VALUES (?,?,?,?,?,'','',?,?,?)",
                                  (destination, seq, finding_id, rank, NOT_OWED, local[:500], now, now))
                     continue
+                if copy is None:
+                    copy = to_json(delivery_copy({**finding, "seq": seq, "finding_id": finding_id}))
                 conn.execute("INSERT INTO deliveries(destination, seq, finding_id, rank, payload, local, created_at) "
-                             "VALUES (?,?,?,?,?,?,?)", (destination, seq, finding_id, rank, payload,
+                             "VALUES (?,?,?,?,?,?,?)", (destination, seq, finding_id, rank, copy,
                                                          json.dumps(local, separators=(",", ":"), allow_nan=False),
                                                          now))
             seqs.append(seq)

@@ -110,6 +110,13 @@ class ModelManifest:
             matches.sort(key=lambda v: v.format != "openvino-ir")
         return matches[0]
 
+    def precisions_to_load(self, engine: str, precision: str) -> list[str]:
+        """What the daemon loads of this model on an engine: the configured precision, then int8 to step down to;
+        its fp32 when it has neither there (e.g. an INT8 variant the speed guard withdrew on this engine)."""
+        have = {v.precision for v in self.variants if engine in v.engines}
+        wanted = [p for p in [precision] + [p for p in ("int8",) if p != precision] if p in have]
+        return wanted or (["fp32"] if "fp32" in have else [])
+
 
 class _Reader:
     """Typed access to a TOML table that names file and key in every error."""

@@ -117,21 +117,17 @@ class ModelRunner:
         from edge_runtime.engines import options_from_config as engine_options
 
         options = engine_options(cfg, kind)
-        precisions = [cfg.engine.precision] + [p for p in ("int8",) if p != cfg.engine.precision]
-        self.predictors: dict[str, Predictor] = {}
-        for precision in precisions:
-            try:
-                manifest.variant(kind, precision)
-            except EdgeError:
-                continue  # no such variant: nothing to step down to
-            predictor = Predictor.load(registry, model, kind, precision, options)
-            self.predictors[predictor.variant.id] = predictor
-        if not self.predictors and cfg.engine.precision != "fp32":
+        precisions = manifest.precisions_to_load(kind, cfg.engine.precision)
+        if precisions and cfg.engine.precision not in precisions:
             # e.g. int8 configured, but this model's INT8 variant is not shipped for this engine (refused by the
             # speed guard there): run its FP32 rather than not at all, and say so
             log.warning("%s: no %s variant for %s; running its fp32 variant", model, cfg.engine.precision, kind)
-            predictor = Predictor.load(registry, model, kind, "fp32", options)
+        self.predictors: dict[str, Predictor] = {}
+        for precision in precisions:
+            predictor = Predictor.load(registry, model, kind, precision, options)
             self.predictors[predictor.variant.id] = predictor
+        if not self.predictors:  # no variant for this engine at all: the registry's one-line reason
+            manifest.variant(kind, cfg.engine.precision)
         self.manifest = manifest
         self.order = list(self.predictors)  # configured precision first, faster fallbacks after
 
@@ -267,11 +263,12 @@ class Service:
         old = self.runners[model]
         for src in self.config.sources:
             budget = self.budgets.get(src.name)
-            if src.model == model and budget is not None and runner.order != old.order:
-                # other variants: a fresh controller over them (live sources only have budgets)
+            budget_ms = src.budget_ms or runner.manifest.latency_budget_ms
+            if src.model == model and budget is not None and (runner.order != old.order
+                                                              or budget_ms != budget.budget_ms):
+                # other variants or another budget: a fresh controller over them (live sources only have budgets)
                 fps = next((s.fps for s in self.live_sources if s.name == src.name), 0.0)
-                self.budgets[src.name] = BudgetController(budget.budget_ms, build_levels(runner.order, fps),
-                                                          name=src.name)
+                self.budgets[src.name] = BudgetController(budget_ms, build_levels(runner.order, fps), name=src.name)
         self.runners[model] = runner
         log.info("models: %s switched from %s to %s without a restart", model, old.manifest.version,
                  runner.manifest.version, extra={"model": model})
@@ -448,10 +445,11 @@ class Service:
         if not self.config.pacs.host:
             return None
         from edge_runtime.pacs import DESTINATION, no_report_reason, source_reference
+        from edge_runtime.pacs.reference import MULTI_FRAME
 
-        reason = no_report_reason(inp.meta, inp.n_frames)
+        reason = no_report_reason(inp.meta, inp.n_frames, index)
         if reason is not None:  # kept with the finding (durable, shown in status), not only logged
-            if index == 0:
+            if index == 0 and reason != MULTI_FRAME:  # the whole file gets none: say it once
                 log.info("%s: %s gets no PACS report: %s", src.name, name, reason,
                          extra={"source": src.name, "input": name, "reason": reason})
             return {DESTINATION: reason}
@@ -634,7 +632,9 @@ class Service:
         m = self.metrics
         dropped_seen = 0
         while not self.stop_event.is_set():
-            runner, budget = self.runners[src.model], self.budgets[src.name]  # a model update switches between frames
+            previous, runner, budget = runner, self.runners[src.model], self.budgets[src.name]  # updates switch here
+            if runner is not previous and tracker is not None:  # an exam is measured by one model version
+                self._commit_exams(src, tracker.flush("model_switch"), budget.budget_ms)
             frame = slot.get(0.2)
             progress.beat = time.monotonic()
             if slot.dropped > dropped_seen:
@@ -700,7 +700,7 @@ class Service:
         progress.start_item()
         started = time.monotonic()
         try:
-            runner.get(above.variant).predict(frame)
+            runner.get(above.variant).predict(frame, explain=False)  # timed and discarded: nothing to explain
             service_ms = (time.monotonic() - started) * 1000.0
         except EdgeError as exc:  # the level above cannot read what this one reads: it must not be stepped up to
             log.warning("%s: a budget probe of %s failed: %s", src.name, above.describe(), exc)
@@ -894,6 +894,7 @@ class Service:
             stalled.append("pacs")
         stages = list(self.progress) + [f"{s.name}/capture" for s in self.live_sources]
         stages += ["uplink"] if self.uplink is not None else []
+        stages += ["pacs"] if self.pacs is not None else []
         for name in stages:
             self.metrics.stalled.labels(name).set(1 if name in stalled else 0)
         if not stalled:

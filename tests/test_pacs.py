@@ -177,6 +177,7 @@ def test_inputs_without_dicom_identifiers_or_with_many_frames_get_no_report_and_
     assert no_report_reason(DicomImage(CR).meta) is None
     cine = DicomImage(CINE)
     assert no_report_reason(cine.meta, cine.n_frames) == MULTI_FRAME
+    assert no_report_reason(cine.meta, cine.n_frames, frame_index=1) is None  # one report, on the last frame
     ref = source_reference(cine.meta, frame_index=1, n_frames=2)  # an exam finding may still reference a frame
     assert ref["frame_number"] == 2 and ref["record"]["PatientID"] == str(pydicom.dcmread(CINE).PatientID)
 
@@ -220,6 +221,21 @@ def test_deliveries_are_committed_with_the_finding_and_independent_of_mqtt(tmp_p
     assert conn.execute("SELECT payload, local FROM deliveries").fetchall() == [("", "")]
     conn.close()
     assert box.delivery_stats(DESTINATION) == {"pending": 0, "stored": 1, "refused": 0, "oldest_pending_s": None}
+    box.close()
+
+
+def test_the_pacs_copy_leaves_out_the_pictures_a_report_does_not_carry(tmp_path):
+    box = Outbox(tmp_path / "o.sqlite")
+    f = finding()
+    f["explanation"] = {"method": "cam", "bbox": {"x": 1, "y": 2, "width": 3, "height": 4}, "grid": [[0] * 16] * 16,
+                        "overlay": "data:image/jpeg;base64," + "A" * 30000}
+    f["exam"] = {"exam_id": "e", "key_frame": {"frame_index": 7, "thumbnail": {"data": "B" * 30000}}}
+    box.commit(f, None, deliveries={DESTINATION: {"study_uid": "1.2.3"}})
+    (row,) = box.due_deliveries(DESTINATION, 10)
+    kept = json.loads(row.payload)
+    assert kept["explanation"] == {"method": "cam", "bbox": f["explanation"]["bbox"]}
+    assert kept["exam"]["key_frame"] == {"frame_index": 7} and len(row.payload) < 2000
+    assert "A" * 100 in box.next_batch(10)[0].payload  # the MQTT side keeps the whole finding
     box.close()
 
 

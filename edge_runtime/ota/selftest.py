@@ -109,6 +109,9 @@ def run_selftest(manifest: ModelManifest, targets: list[tuple[str, str]],
     if not inputs:
         raise SelfTestError(manifest.name, "the test vectors hold no inputs")
     checked = []
+    kind0, precision0 = targets[0]
+    # what the daemon will load of this model (its fp32 where the configured precision has no variant)
+    targets = [(kind0, p) for p in manifest.precisions_to_load(kind0, precision0)] or list(targets)
     for index, (kind, precision) in enumerate(targets):
         try:
             variant = manifest.variant(kind, precision)

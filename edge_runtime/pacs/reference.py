@@ -11,11 +11,13 @@ from typing import Any
 DESTINATION = "pacs"
 # Not a report-worthy input: say why once, in the log and in `status` (counted per reason).
 NO_DICOM = "not a DICOM input (no Study, Series and SOP Instance UIDs to report against)"
-MULTI_FRAME = "a frame of a multi-frame input (a cine is reported by its exam finding, not frame by frame)"
+MULTI_FRAME = ("a frame of a multi-frame input: one report per file, on its last frame (a live cine is reported "
+               "by its exam finding)")
 
 
-def no_report_reason(meta: Any, n_frames: int = 1) -> str | None:
-    """None when a finding on this input can get a report; otherwise the reason it cannot."""
+def no_report_reason(meta: Any, n_frames: int = 1, frame_index: int = 0) -> str | None:
+    """None when a finding on this input can get a report; otherwise the reason it cannot. A multi-frame file
+    gets one report, for its last frame's finding (the study is complete then), not one per frame."""
     if meta is None:
         return NO_DICOM
     missing = [name for name, value in (("StudyInstanceUID", meta.study_uid), ("SeriesInstanceUID", meta.series_uid),
@@ -23,7 +25,7 @@ def no_report_reason(meta: Any, n_frames: int = 1) -> str | None:
                if not value]
     if missing:
         return f"DICOM header without {', '.join(missing)}"
-    if n_frames > 1:
+    if n_frames > 1 and frame_index < n_frames - 1:
         return MULTI_FRAME
     return None
 
