@@ -771,7 +771,8 @@ class Service:
             self._end(item.release)
         except Exception as exc:  # an engine fault, a bug, an I/O error moving the file
             m.worker_errors.labels(src.name).inc()
-            self.ota.health.error(predictor.manifest.name, predictor.manifest.version, f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, OSError):  # moving the file is not the model's fault: no count toward a rollback
+                self.ota.health.error(predictor.manifest.name, predictor.manifest.version, f"{type(exc).__name__}: {exc}")
             log.exception("%s: %s failed; it stays in the inbox and is retried", src.name, item.path.name)
             self._end(item.release, f"{type(exc).__name__}: {exc}")
 
