@@ -241,8 +241,11 @@ def test_broker_restarted_mid_stream(rig, persistence, receipts, monkeypatch):
     from edge_hub.collector import CollectorStore
 
     write = CollectorStore.write  # what the collector calls for each batch
+    hold = threading.Event()
+    hold.set()
 
     def slow_write(self, rows):
+        hold.wait(60)  # cleared around the restart: the hub stores (and confirms) nothing more until it is back
         time.sleep(0.2)  # a hub on a slow SD card: about 100 findings/s against a stream of 300/s
         return write(self, rows)
 
@@ -254,9 +257,13 @@ def test_broker_restarted_mid_stream(rig, persistence, receipts, monkeypatch):
     up = rig.uplink(box, broker.url, rate_limit=300.0, require_receipts=receipts)
     feeder = Feeder(box, 300, pace_s=0.002)
     feeder.start()
-    wait_until(lambda: col.counters["stored"] >= 20 and up.counters["acked"] - col.counters["stored"] >= 60, 30,
+    wait_until(lambda: col.counters["stored"] >= 20, 30, what="the collector storing")
+    hold.clear()  # from here the collector's count is frozen (a batch already being written may still land)
+    time.sleep(0.5)
+    wait_until(lambda: up.counters["acked"] - col.counters["stored"] >= 60, 30,
                what="findings acknowledged by the broker and queued for the collector")
     broker.restart()
+    hold.set()
     feeder.join(30)
     wait_until(lambda: box.depth() == 0 and len(collected(db)) >= 300, 45, what="everything delivered after the restart")
     assert_delivered(feeder.produced, collected(db))
