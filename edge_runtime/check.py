@@ -299,7 +299,8 @@ def pacs_problems(config: Config) -> list[Problem]:
 
     where = _where(config)
     try:
-        problem = probe(p, BROKER_TIMEOUT_S)
+        # the PACS's own timeout, at most 10 s: a busy board answered a rejection later than the broker's 3 s
+        problem = probe(p, min(p.timeout_s, 10.0))
     except (ssl.SSLError, OSError) as exc:
         return [Problem(where, "pacs.cert_file" if p.cert_file else "pacs.ca_file", f"TLS files do not load ({exc})",
                         "use the PEM files issued for this device")]
