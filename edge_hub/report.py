@@ -17,6 +17,7 @@ from datetime import datetime, timezone
 from typing import IO, Any, Iterator
 
 from edge_hub.stores import HubStore
+from edge_runtime.cli import table_lines  # the status table's layout, for the hub's
 from edge_runtime.errors import ConfigError
 
 FIRST_SEQ = 1  # edge_runtime.findings.SequenceCounter starts at 1: a device whose first stored seq is 5 lost 1-4
@@ -165,13 +166,6 @@ def render_report(report: dict[str, Any]) -> list[str]:
                  + (", " if priorities else "") + f"urgent not reviewed {t['urgent_unreviewed']}, "
                  f"seq missing {t['seq_missing']}")
     return lines
-
-
-def table_lines(rows: list[dict], columns: list[str]) -> list[str]:
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    out = ["  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip()]
-    out += ["  ".join(str(r[c]).ljust(widths[c]) for c in columns).rstrip() for r in rows]
-    return out
 
 
 def export_rows(store: HubStore, site: str | None = None, since: float | None = None) -> Iterator[tuple]:
