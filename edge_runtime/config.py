@@ -153,6 +153,21 @@ class PacsSection:
     build_nice: int = 10
 
 
+@dataclass(frozen=True)
+class ViewSection:
+    """The local web view (edge_runtime/view, README "Local view"): live pictures, findings, health, feedback."""
+
+    enabled: bool = True  # served while the daemon runs (`run`, `demo`); never by one-shot commands
+    host: str = "127.0.0.1"  # loopback by default; another address needs TLS or allow_plain_http
+    port: int = 8080  # 0 = a free port (logged)
+    token_file: str = ""  # "" = <state_dir>/view.token, created 0600 on first start
+    cert_file: str = ""  # TLS: serve https with this certificate chain and key
+    key_file: str = ""
+    allow_plain_http: bool = False  # plain http on a non-loopback address (a trusted, closed network only)
+    mjpeg_max_fps: float = 10.0  # /live.mjpeg never sends more than this per viewer
+    max_viewers: int = 8  # concurrent /live.mjpeg and /events clients; more get 503
+
+
 SOURCE_KINDS = ("phantom", "video", "cine", "dicom-folder", "dicom-scp")
 LIVE_KINDS = ("phantom", "video", "cine")
 RESULTS_MODES = ("exam", "frame", "both")  # "" (unset) = the source kind's default
@@ -197,6 +212,7 @@ class Config:
     outbox: OutboxSection = field(default_factory=OutboxSection)
     mqtt: MqttSection = field(default_factory=MqttSection)
     pacs: PacsSection = field(default_factory=PacsSection)
+    view: ViewSection = field(default_factory=ViewSection)
     sources: list[SourceSection] = field(default_factory=list)
     source_path: str = ""
 
@@ -348,6 +364,38 @@ def check_pacs(config: Config) -> None:
         raise ConfigError(path, "keys 'pacs.ca_file', 'pacs.cert_file' and 'pacs.key_file' need pacs.tls = true")
 
 
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: addresses no other machine can reach."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_view(config: Config) -> None:
+    """The view answers on loopback unless TLS (or an explicit allow_plain_http) covers another address."""
+    path = config.source_path or "configuration"
+    v = config.view
+    if not v.enabled:
+        return
+    if not 0 <= v.port < 65536:
+        raise ConfigError(path, f"key 'view.port' must be 0..65535 (0 = a free port); got {v.port}")
+    if bool(v.cert_file) != bool(v.key_file):
+        raise ConfigError(path, "keys 'view.cert_file' and 'view.key_file' go together (TLS needs both)")
+    if not is_loopback(v.host) and not v.cert_file and not v.allow_plain_http:
+        raise ConfigError(path, f"key 'view.host' = {v.host!r} is not a loopback address: the page shows patient "
+                                "images, so it needs TLS (view.cert_file and view.key_file) or, on a closed "
+                                "network, view.allow_plain_http = true")
+    if not 0 < v.mjpeg_max_fps <= 60:  # NaN fails too
+        raise ConfigError(path, f"key 'view.mjpeg_max_fps' must be above 0 and at most 60; got {v.mjpeg_max_fps}")
+    if v.max_viewers < 1:
+        raise ConfigError(path, f"key 'view.max_viewers' must be at least 1; got {v.max_viewers}")
+
+
 def load_config(path: str | Path | None) -> Config:
     if path is None:
         return Config()
@@ -361,4 +409,5 @@ def load_config(path: str | Path | None) -> Config:
     config = dataclasses.replace(build(Config, table, str(path)), source_path=str(path))
     check_sources(config)
     check_pacs(config)
+    check_view(config)
     return config

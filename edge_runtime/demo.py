@@ -46,7 +46,9 @@ def demo_config(config: Config, inbox: Path | None, broker_url: str) -> Config:
         sources.append(SourceSection(name="xray", kind="dicom-folder", model="cxr-pneumonia", inbox=str(inbox)))
     mqtt = MqttSection(broker=broker_url, reconnect_min_s=0.5, reconnect_max_s=2.0, connect_timeout_s=2.0,
                        telemetry_interval_s=0.0) if broker_url else MqttSection()
-    return dataclasses.replace(config, sources=sources, mqtt=mqtt,
+    # The view on a free loopback port unless the user's file chose one: the demo prints its address.
+    view = config.view if config.source_path else dataclasses.replace(config.view, port=0)
+    return dataclasses.replace(config, sources=sources, mqtt=mqtt, view=dataclasses.replace(view, enabled=True),
                                service=dataclasses.replace(config.service, metrics_port=0))
 
 
@@ -151,6 +153,12 @@ def run_demo(args, config: Config) -> int:
         print(f"  {name} v{best.version}: variants {', '.join(runner.order)} on {best.engine}/{best.device} "
               f"({best.compute_precision}), budget {runner.manifest.latency_budget_ms:.0f} ms", file=out)
     print(f"  ready in {service.ready_s:.2f} s (every variant loaded and warm)", file=out)
+    if service.view is not None:
+        print(f"  view: {service.view.url}?token={service.view.token}  (open it in a browser on this machine while "
+              "the demo runs: live picture, findings, feedback)", file=out)
+    else:
+        print(f"  view: not started ({'; '.join(a for a in service.alarms if a.startswith('view:')) or 'disabled'})",
+              file=out)
     if dicom is None:
         print("  xray: skipped, RG1_J2KR.dcm not found (install the demo extra: pip install 'edge-runtime[demo]')", file=out)
     if broker is None:
@@ -249,6 +257,10 @@ def run_demo(args, config: Config) -> int:
         pending = sum(1 for st in states.values() if st == "pending")
         print(f"  uplink: no broker; {pending} of {len(states)} findings queued in the outbox for when a link exists",
               file=out)
+    feedback = feedback_states(service.outbox.path)
+    if feedback:
+        print(f"  feedback from the view: {len(feedback)} ({feedback.count('stored')} confirmed stored by the hub)",
+              file=out)
     print("  Not for diagnostic use: a demonstration on a phantom and a public test image.", file=out)
     return status
 
@@ -316,6 +328,13 @@ def stored_states(outbox_path: Path) -> dict[str, str]:
 
     with Outbox(outbox_path) as outbox:
         return outbox.finding_ids()
+
+
+def feedback_states(outbox_path: Path) -> list[str]:
+    from edge_runtime.outbox import Outbox
+
+    with Outbox(outbox_path) as outbox:
+        return [state for _, state in outbox.feedback(10_000)]
 
 
 def hub_bytes(path: Path) -> tuple[int, int, int]:

@@ -35,6 +35,7 @@ class FrameResult:
     head_circumference_mm: float | None
     ellipse: dict[str, Any] | None
     exam_id: str | None  # the open exam the frame belongs to (exam mode), else None
+    quality: float | None = None  # the head's ellipse fit (IoU of mask and ellipse), when a head was fitted
 
 
 class LiveResults:

@@ -33,6 +33,12 @@ its own copy of the payload and the destination-only data (`local`: the PACS nee
 never enter the MQTT payload), so the caps that prune findings after their MQTT delivery cannot take a delivery
 that is still owed; both are cleared once the destination has the object. Pending deliveries are never evicted.
 The table has its own version (meta `deliveries_schema`): a file without it gets it in the opening transaction.
+
+Clinicians' feedback on a finding (the local view's confirm / correct) travels the same road as a finding, to
+`.../feedback` instead of `.../findings`: a row committed (fsync) before the view answers, pending, sent, stored by
+the collector's receipt (`feedback_ids`). Its rows take their seq from a counter of their own below zero (-1, -2,
+...; `seq < 0` is what marks a row as feedback), so the findings' seq, in which the hub looks for gaps, keeps none;
+the `finding_id` column holds the feedback_id. Feedback counts as urgent: never evicted by a cap, sent first.
 """
 from __future__ import annotations
 
@@ -119,8 +125,9 @@ CREATE TABLE IF NOT EXISTS evicted (
 _META_KEYS = (
     "schema_version", "next_seq", "rows", "bytes", "pending_rows_0", "pending_rows_1", "pending_bytes_0",
     "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
-    "sent_rows", "stored", "receipt_requeued",
+    "sent_rows", "stored", "receipt_requeued", "feedback_count",
 )
+FEEDBACK_RANK = 0  # feedback is never evicted by a cap (urgent rows never are) and goes out first
 
 
 class OutboxError(EdgeError):
@@ -134,10 +141,15 @@ class OutboxFull(OutboxError):
 @dataclass(frozen=True)
 class Row:
     seq: int
-    finding_id: str
+    finding_id: str  # the feedback_id for a feedback row
     priority: str
     payload: str
     attempts: int
+
+    @property
+    def kind(self) -> str:
+        """The topic's last level this row is published to: 'findings' or 'feedback' (seq below zero)."""
+        return "feedback" if self.seq < 0 else "findings"
 
 
 @dataclass(frozen=True)
@@ -945,14 +957,85 @@ class Outbox:
             return [r[0] for r in self._r.execute("SELECT finding_id FROM evicted ORDER BY seq")]
 
     def finding_ids(self) -> dict[str, str]:
-        """finding_id -> state ('pending' | 'sent' | 'stored') of every row (tests and audits)."""
+        """finding_id -> state ('pending' | 'sent' | 'stored') of every finding row, feedback left out (tests and
+        audits)."""
         with self._read_lock:
-            return {fid: STATE_NAMES[st] for fid, st in self._r.execute("SELECT finding_id, state FROM findings")}
+            return {fid: STATE_NAMES[st] for fid, st in
+                    self._r.execute("SELECT finding_id, state FROM findings WHERE seq > 0")}
 
     def payload(self, seq: int) -> dict[str, Any] | None:
         with self._read_lock:
             row = self._r.execute("SELECT payload FROM findings WHERE seq = ?", (seq,)).fetchone()
         return json.loads(row[0]) if row else None
+
+    def finding(self, finding_id: str) -> dict[str, Any] | None:
+        """The finding with this id as published (None: never committed here, or pruned since)."""
+        with self._read_lock:
+            row = self._r.execute("SELECT payload FROM findings WHERE finding_id = ? AND seq > 0",
+                                  (finding_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def recent_findings(self, limit: int) -> list[tuple[dict[str, Any], str]]:
+        """The newest `limit` findings still held (payload, delivery state), newest first."""
+        with self._read_lock:
+            rows = self._r.execute("SELECT payload, state FROM findings WHERE seq > 0 ORDER BY seq DESC LIMIT ?",
+                                   (limit,)).fetchall()
+        return [(json.loads(p), STATE_NAMES[st]) for p, st in rows]
+
+    def findings_after(self, seq: int, limit: int = 200) -> list[dict[str, Any]]:
+        """Findings committed after `seq`, oldest first (what a watcher has not seen yet)."""
+        with self._read_lock:
+            rows = self._r.execute("SELECT payload FROM findings WHERE seq > ? ORDER BY seq LIMIT ?",
+                                   (max(0, seq), limit)).fetchall()
+        return [json.loads(p) for (p,) in rows]
+
+    # ------------------------------------------------------------ feedback
+    def commit_feedback(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Store one feedback record durably (synchronous=FULL, like a finding) to be published on .../feedback.
+        Returns (the stored record, True) or, when its feedback_id was committed before, (that record, False):
+        a retried POST stores nothing twice."""
+        feedback_id = str(record["feedback_id"])
+        payload = to_json(record)
+        size = len(payload.encode("utf-8"))
+        conn = self._w
+        with self._write_lock:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                row = conn.execute("SELECT payload FROM findings WHERE finding_id = ?", (feedback_id,)).fetchone()
+                if row is not None:
+                    conn.execute("COMMIT")
+                    return json.loads(row[0]), False
+                meta = self._load_meta()
+                before = dict(meta)
+                seq = -(meta["feedback_count"] + 1)
+                conn.execute("INSERT INTO findings(seq, finding_id, rank, created_at, payload, bytes) "
+                             "VALUES (?,?,?,?,?,?)", (seq, feedback_id, FEEDBACK_RANK, self.clock(), payload, size))
+                meta["feedback_count"] += 1
+                meta["rows"] += 1
+                meta["bytes"] += size
+                meta[f"pending_rows_{FEEDBACK_RANK}"] += 1
+                meta[f"pending_bytes_{FEEDBACK_RANK}"] += size
+                self._save_meta(meta, before)
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                _rollback(conn)
+                if _is_full(exc):
+                    raise OutboxFull(str(self.path), f"disk or database full ({exc}); the feedback was not "
+                                                     "stored, retry later") from None
+                raise OutboxError(str(self.path), f"cannot store feedback ({exc})") from None
+        self.commits += 1
+        return json.loads(payload), True
+
+    def feedback(self, limit: int = 100) -> list[tuple[dict[str, Any], str]]:
+        """The newest `limit` feedback records still held (record, delivery state), newest first."""
+        with self._read_lock:
+            rows = self._r.execute("SELECT payload, state FROM findings WHERE seq < 0 ORDER BY seq LIMIT ?",
+                                   (limit,)).fetchall()
+        return [(json.loads(p), STATE_NAMES[st]) for p, st in rows]
+
+    def feedback_pending(self) -> int:
+        with self._read_lock:
+            return self._r.execute("SELECT COUNT(*) FROM findings WHERE seq < 0 AND state = 0").fetchone()[0]
 
     def _read_meta(self) -> dict[str, int]:
         with self._read_lock:

@@ -36,6 +36,7 @@ from edge_runtime.slot import LatestSlot
 from edge_runtime.sources.base import SourceState
 from edge_runtime.statelock import StateLock
 from edge_runtime.telemetry import Metrics, sd_notify, watchdog_interval_s
+from edge_runtime.view.pictures import Picture, Pictures
 
 log = logging.getLogger("edge_runtime.service")
 
@@ -163,6 +164,8 @@ class Service:
         self.outbox = None
         self.uplink = None
         self.pacs = None  # edge_runtime.pacs.delivery.PacsDelivery when [pacs] has a host
+        self.view = None  # edge_runtime.view.server.ViewServer when [view] enabled and listening
+        self.pictures = Pictures()  # each source's newest picture, for the view (offered only while it runs)
         self.metrics_port: int | None = None
         self.ready = threading.Event()
         self.alarms: list[str] = []
@@ -221,6 +224,7 @@ class Service:
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
+        self.view = self._start_view()
         self.ota.start()
         self.ota.report_event({"result": "started", "step": "start", "reason": "daemon started"})
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
@@ -417,6 +421,24 @@ class Service:
             uplink.start()
         return uplink
 
+    def _start_view(self):
+        """The local web page (edge_runtime/view). A view that cannot listen is an alarm, not a reason to stop
+        reading scans: the daemon runs on without it."""
+        if not self.config.view.enabled:
+            return None
+        from edge_runtime.view.server import ViewServer
+
+        view = ViewServer(self, self.config.view, self.config.state_dir, self.pictures,
+                          where=self.config.source_path or "configuration")
+        try:
+            view.start()
+        except EdgeError as exc:
+            self._alarm(f"view: {exc.reason}; the daemon runs without its local page")
+            view.stop()
+            return None
+        self.metrics.watch("edge_view", lambda: dict(view.counters), counters=tuple(view.counters))
+        return view
+
     def _start_pacs(self):
         """The PACS worker, when [pacs] names a host: reports for study findings, by C-STORE from the outbox."""
         if not self.config.pacs.host:
@@ -564,11 +586,15 @@ class Service:
             if tracker is not None else []
         self._commit_exams(src, closed, budget_ms)
         ms = prediction.capture_to_result_ms
-        live.add(FrameResult(
+        record = FrameResult(
             frame.study.frame_index, time.time() - (time.monotonic() - frame.captured_at), predictor.variant.id, ms,
             ms <= budget_ms, bool(result.get("assessed", True)), bool(result.get("detected", False)),
             result.get("measurements", {}).get("head_circumference_mm"), result.get("ellipse"),
-            tracker.exam.exam_id if tracker is not None and tracker.exam is not None else None))
+            tracker.exam.exam_id if tracker is not None and tracker.exam is not None else None,
+            result.get("quality"))
+        live.add(record)
+        if self.view is not None:  # a reference, no copy: the view draws its overlay on its own thread
+            self.pictures.offer(src.name, Picture(frame.pixels, record.captured_at, record.frame_index, result=record))
 
     def _commit_exams(self, src: SourceSection, closed: list, budget_ms: float) -> None:
         """Commit closed exams' findings, and any an outbox refused before (kept in memory and retried: an exam is
@@ -845,6 +871,8 @@ class Service:
             finding = self._finding(frame, predictor, prediction, budget_ms)
             self._commit(finding, items[index], self._pacs_deliveries(src, item.path.name, inp, index, manifest))
             self._record(manifest.name, frame, prediction.capture_to_result_ms, budget_ms, finding["priority"])
+            if self.view is not None:
+                self.pictures.offer(src.name, Picture(pixels, time.time(), index, finding=finding))
         return finding
 
     def _observe_health(self, predictor: Predictor, prediction) -> None:
@@ -947,6 +975,8 @@ class Service:
             log.info("stopping (%s)", self.stop_reason)
         sd_notify("STOPPING=1")
         self.stop_event.set()
+        if self.view is not None:  # first: the page must not read an outbox that is about to close
+            self.view.stop()
         deadline = time.monotonic() + self.config.service.stop_timeout_s
         for scp in self.scps:
             scp.stop()

@@ -154,6 +154,7 @@ class Uplink:
                                      f"got {mqtt.drain_on_stop_s}")
         base = topic_base(mqtt.topic_prefix, identity, where)
         self.topic_findings = f"{base}/findings"
+        self.topic_feedback = f"{base}/feedback"  # clinicians' confirm / correct, outbox rows with seq < 0
         self.topic_status = f"{base}/status"
         self.topic_telemetry = f"{base}/telemetry"
         self.topic_receipts = f"{base}/receipts"
@@ -179,6 +180,8 @@ class Uplink:
         self.live: Callable[[], dict] | None = None  # set by the service: live streams' per-minute summaries
         # Per-connection state.
         self._inflight: dict[int, int] = {}  # mid -> seq
+        self.last_acked_at: float | None = None  # wall clock of the last PUBACK marked (what the view shows)
+        self.last_stored_at: float | None = None  # ... and of the last receipt that stored something
         self._acked: list[int] = []
         self._rejected: list[int] = []
         self._connack: tuple[bool, str] | None = None
@@ -488,7 +491,8 @@ class Uplink:
             if free > 0 and now >= self._hold_until and self._outbox_may_have_more(now):
                 rows = self.outbox.next_batch(free, exclude=self._inflight.values())
                 for row in rows:
-                    info = client.publish(self.topic_findings, row.payload, qos=1)
+                    topic = self.topic_feedback if row.kind == "feedback" else self.topic_findings
+                    info = client.publish(topic, row.payload, qos=1)
                     if info.rc != mqtt.MQTT_ERR_SUCCESS:
                         break  # link gone: loop() below notices
                     if not self._inflight:
@@ -577,6 +581,7 @@ class Uplink:
             if self._acked:
                 acked, self._acked = self._acked, []
                 self.outbox.mark_delivered(acked)
+                self.last_acked_at = time.time()
             if self._rejected:
                 rejected, self._rejected = self._rejected, []
                 self.outbox.record_attempts(rejected)
@@ -584,6 +589,8 @@ class Uplink:
                 ids, self._receipt_ids = self._receipt_ids, []
                 stored, unknown = self.outbox.mark_stored(ids)
                 self.counters["stored"] += stored
+                if stored:
+                    self.last_stored_at = time.time()
                 self.counters["receipt_unknown"] += unknown
         except OutboxError as exc:  # the rows stay pending (or sent) and are sent again: a duplicate, never a loss
             log.error("uplink: %s", exc)
@@ -673,8 +680,8 @@ class Uplink:
                         self.topic_receipts, reason_codes, self.cfg.receipt_timeout_s)
 
     def _on_message(self, client, userdata, message) -> None:
-        """A hub receipt: {"device_id", "site", "finding_ids": [...]}. Ids are collected here and marked stored
-        in _flush_acks (outside paho's callback)."""
+        """A hub receipt: {"device_id", "site", "finding_ids": [...], "feedback_ids": [...]} (either list may be
+        missing). Ids are collected here and marked stored in _flush_acks (outside paho's callback)."""
         handler = self.subscriptions.get(message.topic)
         if handler is not None:
             try:
@@ -687,9 +694,14 @@ class Uplink:
             return
         try:
             body = json.loads(message.payload)
-            ids = body["finding_ids"] if isinstance(body, dict) else None
-            if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-                raise ValueError("'finding_ids' must be a list of strings")
+            if not isinstance(body, dict) or not ("finding_ids" in body or "feedback_ids" in body):
+                raise ValueError("a receipt names 'finding_ids' or 'feedback_ids'")
+            ids = []
+            for key in ("finding_ids", "feedback_ids"):  # feedback rows are outbox rows too, keyed by feedback_id
+                part = body.get(key, [])
+                if not isinstance(part, list) or not all(isinstance(i, str) for i in part):
+                    raise ValueError(f"'{key}' must be a list of strings")
+                ids += part
         except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
             self.counters["receipt_malformed"] += 1
             if not self._malformed_logged:  # a broken hub would send one per batch: say it once per connection
