@@ -369,6 +369,34 @@ def service_problems(config: Config, daemon_pid: int | None) -> tuple[list[Probl
     return out, notes
 
 
+def view_problems(config: Config, daemon_pid: int | None) -> tuple[list[Problem], list[Note]]:
+    """The local page: its port free (or held by the running daemon), its TLS files and token file usable."""
+    where, v, out, notes = _where(config), config.view, [], []
+    if not v.enabled:
+        return out, notes
+    problem, in_use = _bind_problem(v.host, v.port)
+    if problem and in_use and daemon_pid:
+        notes.append(Note("view.port", f"{v.host}:{v.port} is held by the running daemon (pid {daemon_pid})"))
+    elif problem:
+        out.append(Problem(where, "view.port", f"view port {problem}", "stop what holds it or choose another port "
+                                                                       "(the daemon would run without its page)"))
+    if v.port and v.port == config.service.metrics_port:
+        out.append(Problem(where, "view.port", f"same port as service.metrics_port ({v.port})", "use two ports"))
+    for key in ("cert_file", "key_file"):
+        path = getattr(v, key)
+        if path and not os.access(path, os.R_OK):
+            out.append(Problem(where, f"view.{key}", f"cannot read {path}", "point it at a readable PEM file"))
+    token = Path(v.token_file) if v.token_file else config.state_dir / "view.token"
+    if token.exists():
+        if token.stat().st_mode & 0o077:
+            out.append(Problem(where, "view.token_file", f"{token} is readable by others", f"chmod 600 {token}"))
+    else:
+        problem = _creatable(token.parent)
+        if problem:
+            out.append(Problem(where, "view.token_file", problem, "create the folder for the daemon's user"))
+    return out, notes
+
+
 # ------------------------------------------------------------------ all together
 def run_all(config: Config, registry: ModelRegistry) -> tuple[list[Problem], list[Note]]:
     pid = holder_pid(config.state_dir)
@@ -378,6 +406,9 @@ def run_all(config: Config, registry: ModelRegistry) -> tuple[list[Problem], lis
     problems += broker_problems(config)
     problems += pacs_problems(config)
     found, more = service_problems(config, pid)
+    view_found, view_notes = view_problems(config, pid)
+    found += view_found
+    more += view_notes
     from edge_runtime.ota.wiring import settings_problems  # model updates: key and limits
 
     found += [Problem(_where(config), key, problem, fix) for key, problem, fix in settings_problems(config)]

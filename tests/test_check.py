@@ -25,7 +25,7 @@ def write(tmp_path: Path, models_root: Path, sources: str, extra: str = "") -> P
     path.write_text(
         f'[device]\nid = "dev-check"\nsite = "site-check"\nstate_dir = "{tmp_path / "state"}"\n\n'
         f'[models]\npaths = ["{models_root}"]\n\n[engine]\nkind = "onnxruntime"\nthreads = 1\n\n'
-        f"[service]\nmetrics_port = {free_port()}\n\n" + extra + "\n" + sources)
+        f"[service]\nmetrics_port = {free_port()}\n\n[view]\nport = 0\n\n" + extra + "\n" + sources)
     return path
 
 

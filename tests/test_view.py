@@ -482,3 +482,24 @@ def test_a_view_port_in_use_is_an_alarm_and_the_daemon_reads_on(tmp_path):
     finally:
         service.stop()
         blocker.close()
+
+
+def test_check_names_a_view_port_in_use_and_a_token_file_others_can_read(tmp_path):
+    from edge_runtime.check import view_problems
+
+    blocker = socket.socket()
+    blocker.bind(("127.0.0.1", 0))
+    blocker.listen(1)
+    try:
+        config = load_config(write_config(tmp_path, view=f"port = {blocker.getsockname()[1]}\n", sources=""))
+        token = tmp_path / "state" / "view.token"
+        token.parent.mkdir(parents=True)
+        token.write_text("secret\n")
+        token.chmod(0o644)
+        problems, _ = view_problems(config, None)
+        keys = {p.key: p for p in problems}
+        assert "already in use" in keys["view.port"].problem and "chmod 600" in keys["view.token_file"].fix
+    finally:
+        blocker.close()
+    token.chmod(0o600)
+    assert view_problems(load_config(write_config(tmp_path, sources="")), None) == ([], [])
