@@ -224,7 +224,6 @@ class Service:
         for src in self.config.sources:
             self._start_source(src)
         self.uplink = self._start_uplink()
-        self.view = self._start_view()
         self.ota.start()
         self.ota.report_event({"result": "started", "step": "start", "reason": "daemon started"})
         deadline = time.monotonic() + FIRST_OPEN_WAIT_S
@@ -237,6 +236,7 @@ class Service:
         self._status_line = self._states_shape()
         sd_notify(f"READY=1\nSTATUS=ready in {self.ready_s:.1f}s; {text}")
         log.log(logging.WARNING if degraded else logging.INFO, "ready in %.2f s; %s", self.ready_s, text)
+        self.view = self._start_view()  # after READY: the page (and aiohttp's import) never delays reading scans
 
     def _load_runner(self, model: str) -> ModelRunner:
         """The model's runner; an installed version that does not load is rolled back and the previous one used."""
