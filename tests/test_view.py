@@ -306,7 +306,7 @@ def test_quarantined_files_are_listed_with_their_reason(tmp_path):
         q = client.json("/api/status")["quarantine"][0]
         assert q["source"] == "xray" and q["file"] == "broken.dcm" and q["reason"] and q["at"]
         tile = client.json("/api/status")["sources"][0]
-        assert tile["live"] is False and tile["guidance_state"] == "study"
+        assert tile["live"] is False and tile["guidance_state"] == "study" and tile["guidance"] == "waiting for studies"
     finally:
         service.stop()
 
@@ -503,3 +503,19 @@ def test_check_names_a_view_port_in_use_and_a_token_file_others_can_read(tmp_pat
         blocker.close()
     token.chmod(0o600)
     assert view_problems(load_config(write_config(tmp_path, sources="")), None) == ([], [])
+
+
+def test_a_study_finding_is_put_on_its_configured_source_and_its_tile_line_says_the_answer():
+    from edge_runtime.view.pictures import Picture, Pictures
+    from edge_runtime.view.snapshot import study_line
+
+    pictures = Pictures()
+    study = {"finding_id": "f-1", "source": {"kind": "dicom-folder", "name": "c.dcm"}, "priority": "urgent",
+             "result": {"label": "pneumonia", "probabilities": {"normal": 0.07, "pneumonia": 0.93},
+                        "needs_review": True}}
+    pictures.offer("xray", Picture(np.zeros((4, 4), np.uint8), 0.0, 0, finding=study))
+    assert pictures.source_of(study) == "xray" and pictures.latest("xray")[0] == 1
+    assert pictures.source_of({"finding_id": "other", "source": {"kind": "dicom-folder", "name": "c.dcm"}}) is None
+    assert pictures.source_of({"source": {"kind": "phantom", "name": "probe"}}) == "probe"
+    assert study_line(study) == "pneumonia 0.93, urgent, needs review"
+    assert study_line({"result": {"assessed": False, "reason": "not a chest"}}) == "out of scope: not a chest"

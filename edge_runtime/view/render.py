@@ -18,6 +18,7 @@ import numpy as np
 
 from edge_runtime.view.guidance import guidance
 from edge_runtime.view.pictures import Picture, Pictures
+from edge_runtime.view.snapshot import study_line
 
 MAX_SIDE = 800  # a B-mode frame as captured; a 2000 px radiograph is shrunk to this for the page
 JPEG_QUALITY = 80
@@ -49,7 +50,10 @@ def _bgr(pixels: np.ndarray, max_side: int = MAX_SIDE) -> tuple[np.ndarray, floa
 
 
 def _text(img: np.ndarray, text: str, org: tuple[int, int], bgr: tuple[int, int, int], scale: float = 0.6) -> None:
-    cv2.putText(img, text, org, FONT, scale, (0, 0, 0), 3, cv2.LINE_AA)  # a dark rim: readable on speckle
+    """Text on a dark box: readable on speckle and on a near-white radiograph alike."""
+    (w, h), base = cv2.getTextSize(text, FONT, scale, 1)
+    x, y = org
+    cv2.rectangle(img, (x - 4, y - h - 5), (min(img.shape[1] - 1, x + w + 4), y + base + 3), (20, 20, 20), -1)
     cv2.putText(img, text, org, FONT, scale, bgr, 1, cv2.LINE_AA)
 
 
@@ -84,15 +88,11 @@ def draw_study(picture: Picture) -> np.ndarray:
     if img is None:
         img, _ = _bgr(picture.pixels)
     result = f.get("result", {})
+    line = study_line(f)
     if result.get("assessed") is False:
-        line, bgr = "out of scope: " + str(result.get("reason", ""))[:60], STATE_BGR["out_of_scope"]
-    elif "label" in result:
-        p = (result.get("probabilities") or {}).get(result["label"])
-        line = f"{result['label']}" + (f" {p:.2f}" if isinstance(p, (int, float)) else "")
-        bgr = (60, 60, 255) if f.get("priority") == "urgent" else (230, 230, 230)
+        bgr = STATE_BGR["out_of_scope"]
     else:
-        hc = (result.get("measurements") or {}).get("head_circumference_mm")
-        line, bgr = (f"HC {hc:.1f} mm" if isinstance(hc, (int, float)) else "no measurement"), (230, 230, 230)
+        bgr = (60, 60, 255) if f.get("priority") == "urgent" else (230, 230, 230)
     _text(img, line, (8, 24), bgr, 0.6)
     _text(img, _clock(picture.captured_ts), (8, img.shape[0] - 10), (220, 220, 220), 0.45)
     return img

@@ -142,13 +142,16 @@ class ViewServer:
     def stop(self, timeout: float = 5.0) -> None:
         self.pictures.on_offer = None
         loop = self._loop
-        if loop is not None and self._thread is not None and self._thread.is_alive():
-            fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
+        if loop is not None and not loop.is_closed() and self._thread is not None and self._thread.is_alive():
             try:
+                fut = asyncio.run_coroutine_threadsafe(self._shutdown(), loop)
                 fut.result(timeout)
             except Exception as exc:  # noqa: BLE001 - a stop must go on
                 log.warning("view: stopping took too long or failed (%s)", exc)
-            loop.call_soon_threadsafe(loop.stop)
+            try:
+                loop.call_soon_threadsafe(loop.stop)
+            except RuntimeError:  # closed meanwhile
+                pass
             self._thread.join(timeout)
         self._render_pool.shutdown(wait=False, cancel_futures=True)
         self._io_pool.shutdown(wait=False, cancel_futures=True)
@@ -164,8 +167,9 @@ class ViewServer:
             loop.run_until_complete(self._serve())
         except BaseException as exc:  # noqa: BLE001 - reported to start()
             self._start_error = exc
-            self._started.set()
+            self._loop = None  # nothing to stop: stop() must not schedule onto a closed loop
             loop.close()
+            self._started.set()
             return
         self._started.set()
         try:
@@ -318,8 +322,8 @@ class ViewServer:
         by_finding: dict[str, list] = {}
         for record, state in box.feedback(500):
             by_finding.setdefault(record.get("finding_id"), []).append({**record, "state": state})
-        return [{"finding": f, "state": state, "feedback": by_finding.get(f.get("finding_id"), [])}
-                for f, state in box.recent_findings(limit)]
+        return [{"finding": f, "state": state, "source": self.pictures.source_of(f),
+                 "feedback": by_finding.get(f.get("finding_id"), [])} for f, state in box.recent_findings(limit)]
 
     async def _findings(self, request):
         from aiohttp import web
@@ -549,7 +553,7 @@ class ViewServer:
                     last_seq = box.stats()["next_seq"] - 1
                 for f in await self._io(box.findings_after, last_seq):
                     last_seq = max(last_seq, f.get("seq", last_seq))
-                    self._publish("finding", light(f))
+                    self._publish("finding", {**light(f), "view_source": self.pictures.source_of(f)})
                 alarms = [a.get("reason", "") for a in self.service.current_alarms()] + list(self.service.alarms)[-5:]
                 for text in alarms:
                     if text not in last_alarms:

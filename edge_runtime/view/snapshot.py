@@ -70,6 +70,24 @@ def quarantined(service) -> list[dict[str, Any]]:
     return items[:QUARANTINE_LISTED]
 
 
+def study_line(finding: dict[str, Any]) -> str:
+    """The newest study's answer in a few words: 'pneumonia 0.93, urgent', 'HC 182.4 mm', 'out of scope: ...'."""
+    result = finding.get("result", {})
+    if result.get("assessed") is False:
+        return "out of scope: " + str(result.get("reason", ""))[:80]
+    if "label" in result:
+        p = (result.get("probabilities") or {}).get(result["label"])
+        line = result["label"] + (f" {p:.2f}" if isinstance(p, (int, float)) else "")
+    else:
+        hc = (result.get("measurements") or {}).get("head_circumference_mm")
+        line = f"HC {hc:.1f} mm" if isinstance(hc, (int, float)) else "no measurement"
+    if finding.get("priority") == "urgent":
+        line += ", urgent"
+    if result.get("needs_review"):
+        line += ", needs review"
+    return line
+
+
 def source_tiles(service, pictures, now: float) -> list[dict[str, Any]]:
     states = service.source_states()
     tiles = []
@@ -92,7 +110,9 @@ def source_tiles(service, pictures, now: float) -> list[dict[str, Any]]:
             tile.update(live_tile(service.recent_frames(src.name), now))
         else:
             window = list(service.windows.get(src.model, ()))
-            tile.update({"guidance": "", "guidance_state": "study", "latest": None, "fps": None,
+            last = pictures.latest(src.name)[1]
+            tile.update({"guidance": study_line(last.finding) if last is not None else "waiting for studies",
+                         "guidance_state": "study", "latest": None, "fps": None,
                          "p50_ms": round(float(np.percentile(window, 50)), 1) if window else None,
                          "p99_ms": round(float(np.percentile(window, 99)), 1) if window else None,
                          "inbox": service.folders[src.name].depth() if src.name in service.folders else None})
