@@ -84,12 +84,25 @@ def daemon(tmp_path_factory):
     if CR_CHEST.is_file():
         shutil.copy(CR_CHEST, inbox / "chest.dcm")
         xray = f'[[sources]]\nname = "xray"\nkind = "dicom-folder"\nmodel = "cxr-pneumonia"\ninbox = "{inbox}"\n'
+    # A real Mosquitto and collector when the binary is there: feedback clicked on the page must reach the hub.
+    from mqtt_helpers import MOSQUITTO, Broker
+
+    broker = collector = None
+    mqtt = ""
+    if MOSQUITTO is not None:
+        from edge_hub.collector import Collector
+
+        broker = Broker(root / "broker").start()
+        collector = Collector(broker.url, root / "hub.sqlite", client_id="hub-view-page", reconnect_min_s=0.05).start()
+        collector.subscribed.wait(15)
+        mqtt = (f'[mqtt]\nbroker = "{broker.url}"\ntelemetry_interval_s = 0\nreconnect_min_s = 0.2\n'
+                "reconnect_max_s = 1\nreceipt_timeout_s = 5\n\n")
     path = root / "edge.toml"
     path.write_text(
         f'[device]\nid = "test-scanner"\nsite = "test-clinic"\nstate_dir = "{root / "state"}"\n\n'
         '[engine]\nkind = "onnxruntime"\nthreads = 1\nwarmup_runs = 1\n\n'
         "[service]\nmetrics_port = 0\nstop_timeout_s = 15\n\n"
-        "[view]\nport = 0\n\n"
+        "[view]\nport = 0\n\n" + mqtt +
         '[[sources]]\nname = "probe"\nkind = "phantom"\nmodel = "fetal-head"\nfps = 30\nsweeps = true\n'
         "exam_gap_s = 1.5\n\n" + xray)
     service = Service(load_config(path))
@@ -97,14 +110,18 @@ def daemon(tmp_path_factory):
     try:
         assert service.view is not None and service.view.port, "the view is not serving"
         token = (root / "state" / "view.token").read_text().strip()
-        yield service, f"http://127.0.0.1:{service.view.port}", token, bool(xray)
+        yield service, f"http://127.0.0.1:{service.view.port}", token, bool(xray), root / "hub.sqlite" if broker else None
     finally:
         service.stop()
+        if collector is not None:
+            collector.stop(2.0)
+        if broker is not None:
+            broker.stop()
 
 
 @pytest.fixture(scope="module")
 def page(daemon):
-    service, base, token, _ = daemon
+    service, base, token, _, _ = daemon
     with Browser.start() as b:
         b.navigate(f"{base}/?token={token}")  # the first visit: the server answers with the cookie
         b.wait_for("document.querySelector('div.tile[data-source=\"probe\"]') !== null", 20, what="the probe's tile")
@@ -208,8 +225,22 @@ def outbox_feedback(service, finding_id: str) -> list[tuple[dict, str]]:
     return [(rec, st) for rec, st in service.outbox.feedback(100) if rec["finding_id"] == finding_id]
 
 
-def test_a_confirm_click_reaches_the_outbox_and_the_feedback_list(daemon, page):
-    service, *_ = daemon
+def hub_feedback(db, feedback_id: str):
+    import sqlite3
+
+    if db is None or not db.exists():
+        return None
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT finding_id, verdict FROM feedback WHERE feedback_id = ?", (feedback_id,)).fetchone()
+    except sqlite3.OperationalError:  # the collector has not made its tables yet
+        return None
+    finally:
+        conn.close()
+
+
+def test_a_confirm_click_reaches_the_outbox_the_hub_and_the_feedback_list(daemon, page):
+    service, *_, hub_db = daemon
     fid = first_finding(page)
     li = f"document.querySelector('li.finding[data-finding-id=\"{fid}\"]')"
     page.evaluate(f"{li}.querySelector('button.confirm').click()")
@@ -222,6 +253,10 @@ def test_a_confirm_click_reaches_the_outbox_and_the_feedback_list(daemon, page):
     (rec, state), = rows
     assert rec["verdict"] == "confirm" and state in ("pending", "sent", "stored")
     assert rec["device_id"] == "test-scanner" and rec["finding"]["model"]
+    if hub_db is not None:  # through the outbox and a real Mosquitto to the collector, whose receipt marks it stored
+        row = wait_until(lambda: hub_feedback(hub_db, rec["feedback_id"]), 30, "the feedback at the collector")
+        assert row == (fid, "confirm")
+        wait_until(lambda: outbox_feedback(service, fid)[0][1] == "stored", 30, "the collector's receipt")
     page.wait_for(f"document.querySelector('li.feedback[data-feedback-id=\"{rec['feedback_id']}\"]') !== null", 5,
                   what="the feedback on the page's list")
     # The page shows it on the finding too, and after a reload (from /api/feedback, not only from its own POST).
@@ -250,7 +285,7 @@ def test_a_correction_of_a_measurement_carries_the_value(daemon, page):
 
 
 def test_a_correction_of_a_classification_offers_the_models_labels(daemon, page):
-    service, _, _, has_xray = daemon
+    service, _, _, has_xray, _ = daemon
     if not has_xray:
         pytest.skip(f"no chest CR at {CR_CHEST} (../shared beside the checkout): no classification finding")
     fid = first_finding(page, 90, exam=False)
@@ -274,7 +309,7 @@ def test_a_correction_of_a_classification_offers_the_models_labels(daemon, page)
 def test_without_the_event_stream_the_page_polls_the_status(daemon, page):
     """An event stream that fails (a proxy that buffers it, a dropped client): the page polls /api/status every 2 s
     and the tile still moves on."""
-    service, base, _, _ = daemon
+    service, base, _, _, _ = daemon
     failing = ("window.EventSource = class { constructor() { setTimeout(() => this.onerror && this.onerror("
                "new Event('error')), 50); } addEventListener() {} close() {} };")
     script = page.send("Page.addScriptToEvaluateOnNewDocument", {"source": failing})["identifier"]
