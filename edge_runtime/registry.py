@@ -77,6 +77,18 @@ class Variant:
     weights_path: Path | None = None  # OpenVINO IR .bin beside the .xml
     weights_sha256: str | None = None
     scope_threshold: float | None = None  # this variant's content-gate limit (quantized features drift from FP32's)
+    # engine -> CPU capabilities the variant needs there (edge_runtime/engines/cpu.py), e.g. {"openvino": ("vnni",)}
+    cpu_requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def runs_on(self, engine: str) -> bool:
+        """Listed for the engine, and this CPU has what the variant needs on it."""
+        return engine in self.engines and not self.cpu_missing(engine)
+
+    def cpu_missing(self, engine: str) -> list[str]:
+        from edge_runtime.engines.cpu import missing
+
+        needs = self.cpu_requires.get(engine, ())
+        return missing(needs) if needs else []
 
 
 @dataclass(frozen=True)
@@ -102,8 +114,15 @@ class ModelManifest:
 
     def variant(self, engine: str, precision: str) -> Variant:
         """The variant for an engine and precision; OpenVINO prefers its own IR when both exist."""
-        matches = [v for v in self.variants if engine in v.engines and v.precision == precision]
+        matches = [v for v in self.variants if v.runs_on(engine) and v.precision == precision]
         if not matches:
+            from edge_runtime.engines.cpu import describe
+
+            lacking = [v for v in self.variants if engine in v.engines and v.precision == precision]
+            if lacking:
+                needs = ", ".join(describe(c) for c in lacking[0].cpu_missing(engine))
+                raise ModelError(self.name, f"no {precision} variant for engine {engine} on this CPU: {lacking[0].id} "
+                                            f"needs {needs} there, which this CPU lacks")
             have = ", ".join(f"{v.id} ({v.precision}: {'/'.join(v.engines)})" for v in self.variants)
             raise ModelError(self.name, f"no {precision} variant for engine {engine}; variants: {have}")
         if engine == "openvino":
@@ -113,9 +132,27 @@ class ModelManifest:
     def precisions_to_load(self, engine: str, precision: str) -> list[str]:
         """What the daemon loads of this model on an engine: the configured precision, then int8 to step down to;
         its fp32 when it has neither there (e.g. an INT8 variant the speed guard withdrew on this engine)."""
-        have = {v.precision for v in self.variants if engine in v.engines}
+        have = {v.precision for v in self.variants if v.runs_on(engine)}
         wanted = [p for p in [precision] + [p for p in ("int8",) if p != precision] if p in have]
         return wanted or (["fp32"] if "fp32" in have else [])
+
+
+def _cpu_requires(v: "_Reader", engines: tuple[str, ...]) -> dict[str, tuple[str, ...]]:
+    from edge_runtime.engines.cpu import CAPABILITIES
+
+    table = v.sub("cpu_requires", required=False)
+    if table is None:
+        return {}
+    out = {}
+    for engine in table.table:
+        if engine not in engines:
+            raise table._fail(engine, f"names an engine the variant is not listed for ({', '.join(engines)})")
+        caps = table.list_of(engine, str)
+        for c in caps:
+            if c not in CAPABILITIES:
+                raise table._fail(engine, f"has {c!r}; known: {', '.join(CAPABILITIES)}")
+        out[engine] = caps
+    return out
 
 
 class _Reader:
@@ -255,6 +292,7 @@ def parse_manifest(path: Path) -> ModelManifest:
                 weights_path=path.parent / weights if weights else None,
                 weights_sha256=v.get("weights_sha256", str, None),
                 scope_threshold=v.get("scope_threshold", float, None),
+                cpu_requires=_cpu_requires(v, engines),
             )
         )
     modality = r.list_of("modality", str)

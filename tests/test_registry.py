@@ -107,3 +107,35 @@ def test_ed25519_signature(models_root, tmp_path):
     (folder / "manifest.toml.sig").write_bytes(other.sign(manifest_bytes))
     with pytest.raises(ModelError, match="does not verify"):
         ModelRegistry([models_root], public_key=pub).get("tiny-cls")
+
+
+def test_a_variant_that_needs_a_cpu_capability_is_refused_where_the_cpu_lacks_it(tmp_path, monkeypatch):
+    """cxr-pneumonia's int8-qdq needs VNNI on OpenVINO: without it the daemon's fall-back rule gives fp32 and an
+    explicit --precision int8 is one line naming what is missing."""
+    import edge_runtime.engines.cpu as cpu
+    from edge_runtime.errors import ConfigError, EdgeError
+    from edge_runtime.registry import ModelRegistry
+
+    assert cpu.missing(("vnni",), frozenset({"avx2", "fma"})) == ["vnni"]
+    assert cpu.missing(("vnni",), frozenset({"avx2", "avx512_vnni"})) == []
+    assert cpu.missing(("vnni",), frozenset({"amx_int8"})) == []
+    manifest = ModelRegistry().get("cxr-pneumonia")
+    v = next(v for v in manifest.variants if v.id == "int8-qdq")
+    assert v.cpu_requires == {"openvino": ("vnni",)}
+    for flags, runs in ((frozenset({"avx2"}), False), (frozenset({"avx2", "avx_vnni"}), True)):
+        monkeypatch.setattr(cpu, "cpu_flags", lambda flags=flags: flags)
+        monkeypatch.setattr(cpu.platform, "machine", lambda: "x86_64")
+        assert v.runs_on("openvino") is runs
+        assert manifest.precisions_to_load("openvino", "int8") == (["int8"] if runs else ["fp32"])
+        if not runs:
+            with pytest.raises(EdgeError, match=r"no int8 variant for engine openvino on this CPU: int8-qdq needs "
+                                                r"vnni \(avx512_vnni or avx_vnni or amx_int8\)"):
+                manifest.variant("openvino", "int8")
+    # A manifest naming an unknown capability, or an engine the variant does not list, is refused when read.
+    from edge_runtime.registry import parse_manifest
+
+    text = (v.path.parent / "manifest.toml").read_text()
+    for bad in ('openvino = ["avx9"]', 'onnxruntime = ["vnni"]'):
+        (tmp_path / "manifest.toml").write_text(text.replace('openvino = ["vnni"]', bad))
+        with pytest.raises(ConfigError, match="cpu_requires"):
+            parse_manifest(tmp_path / "manifest.toml")

@@ -190,6 +190,8 @@ def test_shipped_gate_files_load_and_hash_for_every_variant(model):
     assert manifest.scope.content is not None and manifest.scope.content.path.is_file()
     for v in manifest.variants:
         for engine in v.engines:
+            if v.cpu_missing(engine):  # e.g. cxr int8-qdq on OpenVINO without VNNI: refused, never loaded
+                continue
             p = Predictor.load(registry, model, engine, v.precision)
             assert p.gate is not None and p.gate.dim > 100
 
