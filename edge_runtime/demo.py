@@ -48,7 +48,7 @@ def demo_config(config: Config, inbox: Path | None, broker_url: str) -> Config:
                        telemetry_interval_s=0.0) if broker_url else MqttSection()
     # The view on a free loopback port unless the user's file chose one: the demo prints its address.
     view = config.view if config.source_path else dataclasses.replace(config.view, port=0)
-    return dataclasses.replace(config, sources=sources, mqtt=mqtt, view=dataclasses.replace(view, enabled=True),
+    return dataclasses.replace(config, sources=sources, mqtt=mqtt, view=view,
                                service=dataclasses.replace(config.service, metrics_port=0))
 
 

@@ -38,7 +38,9 @@ Clinicians' feedback on a finding (the local view's confirm / correct) travels t
 `.../feedback` instead of `.../findings`: a row committed (fsync) before the view answers, pending, sent, stored by
 the collector's receipt (`feedback_ids`). Its rows take their seq from a counter of their own below zero (-1, -2,
 ...; `seq < 0` is what marks a row as feedback), so the findings' seq, in which the hub looks for gaps, keeps none;
-the `finding_id` column holds the feedback_id. Feedback counts as urgent: never evicted by a cap, sent first.
+the `finding_id` column holds the feedback_id. Its rank (-1) sends it first and keeps it out of the urgent and
+routine counts (`stats()["pending_feedback"]`); the caps never evict or prune it (done feedback ages out after
+`max_age_days` like any done row): a clinician's verdict is a handful of bytes and never worth a finding's room.
 """
 from __future__ import annotations
 
@@ -125,9 +127,12 @@ CREATE TABLE IF NOT EXISTS evicted (
 _META_KEYS = (
     "schema_version", "next_seq", "rows", "bytes", "pending_rows_0", "pending_rows_1", "pending_bytes_0",
     "pending_bytes_1", "delivered", "pruned", "evicted", "over_cap_alarms", "full_alarms", "requeued",
-    "sent_rows", "stored", "receipt_requeued", "feedback_count",
+    "sent_rows", "stored", "receipt_requeued", "feedback_count", "pending_rows_-1", "pending_bytes_-1",
 )
-FEEDBACK_RANK = 0  # feedback is never evicted by a cap (urgent rows never are) and goes out first
+# Feedback rows: rank -1 sorts them before urgent findings in the publish order (they are few and small), and
+# their pending counters (pending_rows_-1) stay out of the urgent/routine ones that gauges and alerts read.
+FEEDBACK_RANK = -1
+PRIORITY_OF_RANK[FEEDBACK_RANK] = "feedback"
 
 
 class OutboxError(EdgeError):
@@ -480,10 +485,10 @@ class Outbox:
     def _cap_steps(self) -> tuple[tuple[str, str], ...]:
         """(condition, index) in the order rows give way to a cap: done rows, then routine rows not yet done,
         sent ones (the broker has them) before pending ones; urgent rows never."""
-        if self.keep_until_stored:
-            return (("state = 2", "findings_stored"), ("state = 1 AND rank = 1", "findings_delivered"),
+        if self.keep_until_stored:  # seq > 0: findings only; feedback rows are never taken by a cap
+            return (("state = 2 AND seq > 0", "findings_stored"), ("state = 1 AND rank = 1", "findings_delivered"),
                     ("state = 0 AND rank = 1", "findings_pending"))
-        return (("state = 2", "findings_stored"), ("state = 1", "findings_delivered"),
+        return (("state = 2 AND seq > 0", "findings_stored"), ("state = 1 AND seq > 0", "findings_delivered"),
                 ("state = 0 AND rank = 1", "findings_pending"))
 
     def _enforce_caps(self, meta: dict[str, int], now: float) -> None:
@@ -560,10 +565,10 @@ class Outbox:
             meta = self._load_meta()
             before = dict(meta)
             rows = conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY findings_stored "
-                                "WHERE state = 2 ORDER BY seq LIMIT ?", (n,)).fetchall()
+                                "WHERE state = 2 AND seq > 0 ORDER BY seq LIMIT ?", (n,)).fetchall()
             if not self.keep_until_stored and len(rows) < n:
                 rows += conn.execute("SELECT seq, rank, bytes, state, finding_id FROM findings INDEXED BY "
-                                     "findings_delivered WHERE state = 1 ORDER BY seq LIMIT ?",
+                                     "findings_delivered WHERE state = 1 AND seq > 0 ORDER BY seq LIMIT ?",
                                      (n - len(rows),)).fetchall()
             self._remove(rows, meta, self.clock(), "space")
             self._save_meta(meta, before)
@@ -923,8 +928,9 @@ class Outbox:
         return {p: meta.get(f"pending_rows_{r}", 0) for p, r in RANK.items()}
 
     def depth(self) -> int:
-        """Pending rows: not yet acknowledged by the broker."""
-        return sum(self.pending_by_priority().values())
+        """Pending rows, feedback included: not yet acknowledged by the broker (what the uplink still owes)."""
+        meta = self._read_meta()
+        return sum(meta.get(f"pending_rows_{r}", 0) for r in (*RANK.values(), FEEDBACK_RANK))
 
     def sent_unstored(self) -> int:
         """Rows the broker acknowledged that no hub receipt has confirmed yet."""
@@ -936,6 +942,7 @@ class Outbox:
         return {
             "pending": {p: meta.get(f"pending_rows_{r}", 0) for p, r in RANK.items()},
             "pending_bytes": {p: meta.get(f"pending_bytes_{r}", 0) for p, r in RANK.items()},
+            "pending_feedback": meta.get(f"pending_rows_{FEEDBACK_RANK}", 0),  # clinicians' feedback not yet sent
             "rows": meta.get("rows", 0),
             "bytes": meta.get("bytes", 0),
             "next_seq": meta.get("next_seq", 1),
@@ -968,43 +975,51 @@ class Outbox:
             row = self._r.execute("SELECT payload FROM findings WHERE seq = ?", (seq,)).fetchone()
         return json.loads(row[0]) if row else None
 
+    def _select(self, sql: str, params: tuple, what: str) -> list[tuple]:
+        """A read on the read connection; a closed or failing database is an OutboxError naming what was read."""
+        with self._read_lock:
+            try:
+                return self._r.execute(sql, params).fetchall()
+            except sqlite3.Error as exc:
+                raise OutboxError(str(self.path), f"cannot read {what} ({exc})") from None
+
     def finding(self, finding_id: str) -> dict[str, Any] | None:
         """The finding with this id as published (None: never committed here, or pruned since)."""
-        with self._read_lock:
-            row = self._r.execute("SELECT payload FROM findings WHERE finding_id = ? AND seq > 0",
-                                  (finding_id,)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._select("SELECT payload FROM findings WHERE finding_id = ? AND seq > 0", (finding_id,), "a finding")
+        return json.loads(rows[0][0]) if rows else None
 
     def recent_findings(self, limit: int) -> list[tuple[dict[str, Any], str]]:
         """The newest `limit` findings still held (payload, delivery state), newest first."""
-        with self._read_lock:
-            rows = self._r.execute("SELECT payload, state FROM findings WHERE seq > 0 ORDER BY seq DESC LIMIT ?",
-                                   (limit,)).fetchall()
+        rows = self._select("SELECT payload, state FROM findings WHERE seq > 0 ORDER BY seq DESC LIMIT ?", (limit,),
+                            "the recent findings")
         return [(json.loads(p), STATE_NAMES[st]) for p, st in rows]
 
     def findings_after(self, seq: int, limit: int = 200) -> list[dict[str, Any]]:
         """Findings committed after `seq`, oldest first (what a watcher has not seen yet)."""
-        with self._read_lock:
-            rows = self._r.execute("SELECT payload FROM findings WHERE seq > ? ORDER BY seq LIMIT ?",
-                                   (max(0, seq), limit)).fetchall()
+        rows = self._select("SELECT payload FROM findings WHERE seq > ? ORDER BY seq LIMIT ?", (max(0, seq), limit),
+                            "new findings")
         return [json.loads(p) for (p,) in rows]
 
     # ------------------------------------------------------------ feedback
-    def commit_feedback(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    def commit_feedback(self, record: dict[str, Any]) -> tuple[dict[str, Any], bool, str]:
         """Store one feedback record durably (synchronous=FULL, like a finding) to be published on .../feedback.
-        Returns (the stored record, True) or, when its feedback_id was committed before, (that record, False):
-        a retried POST stores nothing twice."""
+        Returns (the stored record, True, 'pending') or, when its feedback_id was committed before, (that record,
+        False, its delivery state): a retried POST stores nothing twice."""
         feedback_id = str(record["feedback_id"])
-        payload = to_json(record)
-        size = len(payload.encode("utf-8"))
+        try:
+            payload = to_json(record)
+            size = len(payload.encode("utf-8"))
+        except (ValueError, TypeError, UnicodeError) as exc:  # e.g. a lone surrogate: nothing is stored
+            raise OutboxError(str(self.path), f"the feedback cannot be stored as UTF-8 JSON ({exc})") from None
         conn = self._w
         with self._write_lock:
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                row = conn.execute("SELECT payload FROM findings WHERE finding_id = ?", (feedback_id,)).fetchone()
+                row = conn.execute("SELECT payload, state FROM findings WHERE finding_id = ?",
+                                   (feedback_id,)).fetchone()
                 if row is not None:
                     conn.execute("COMMIT")
-                    return json.loads(row[0]), False
+                    return json.loads(row[0]), False, STATE_NAMES[row[1]]
                 meta = self._load_meta()
                 before = dict(meta)
                 seq = -(meta["feedback_count"] + 1)
@@ -1024,18 +1039,16 @@ class Outbox:
                                                      "stored, retry later") from None
                 raise OutboxError(str(self.path), f"cannot store feedback ({exc})") from None
         self.commits += 1
-        return json.loads(payload), True
+        return json.loads(payload), True, "pending"
 
     def feedback(self, limit: int = 100) -> list[tuple[dict[str, Any], str]]:
         """The newest `limit` feedback records still held (record, delivery state), newest first."""
-        with self._read_lock:
-            rows = self._r.execute("SELECT payload, state FROM findings WHERE seq < 0 ORDER BY seq LIMIT ?",
-                                   (limit,)).fetchall()
+        rows = self._select("SELECT payload, state FROM findings WHERE seq < 0 ORDER BY seq LIMIT ?", (limit,),
+                            "the feedback")
         return [(json.loads(p), STATE_NAMES[st]) for p, st in rows]
 
     def feedback_pending(self) -> int:
-        with self._read_lock:
-            return self._r.execute("SELECT COUNT(*) FROM findings WHERE seq < 0 AND state = 0").fetchone()[0]
+        return self._read_meta().get(f"pending_rows_{FEEDBACK_RANK}", 0)
 
     def _read_meta(self) -> dict[str, int]:
         with self._read_lock:

@@ -432,8 +432,9 @@ class Service:
                           where=self.config.source_path or "configuration")
         try:
             view.start()
-        except EdgeError as exc:
-            self._alarm(f"view: {exc.reason}; the daemon runs without its local page")
+        except Exception as exc:  # noqa: BLE001 - whatever stops the page must not stop the daemon
+            reason = exc.reason if isinstance(exc, EdgeError) else f"{type(exc).__name__}: {exc}"
+            self._alarm(f"view: {reason}; the daemon runs without its local page")
             view.stop()
             return None
         self.metrics.watch("edge_view", lambda: dict(view.counters), counters=tuple(view.counters))
@@ -975,9 +976,9 @@ class Service:
             log.info("stopping (%s)", self.stop_reason)
         sd_notify("STOPPING=1")
         self.stop_event.set()
-        if self.view is not None:  # first: the page must not read an outbox that is about to close
-            self.view.stop()
         deadline = time.monotonic() + self.config.service.stop_timeout_s
+        if self.view is not None:  # first: the page must not read an outbox that is about to close
+            self.view.stop(timeout=min(2.0, self.config.service.stop_timeout_s / 4))
         for scp in self.scps:
             scp.stop()
         for source in self.live_sources:

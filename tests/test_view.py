@@ -164,7 +164,7 @@ def test_status_pictures_findings_and_feedback_on_a_running_daemon(daemon, tmp_p
     seqs = [i["finding"]["seq"] for i in items]
     assert seqs == sorted(seqs, reverse=True), "newest first"
     assert client.request("/api/findings?limit=0")[0] == 400 and client.request("/api/findings?limit=x")[0] == 400
-    target = next(i["finding"] for i in items if i["finding"]["result"].get("detected", True) is not None)
+    target = items[0]["finding"]
 
     # Feedback: refused ones change nothing, a good one is committed before the answer, a retry is idempotent.
     before = feedback_rows(tmp_path / "state")
@@ -172,7 +172,9 @@ def test_status_pictures_findings_and_feedback_on_a_running_daemon(daemon, tmp_p
                        ({"verdict": "correct", "value_mm": -3}, 400), ({"verdict": "correct", "value_mm": True}, 400),
                        ({"verdict": "confirm", "label": "normal"}, 400), ({"verdict": "confirm", "extra": 1}, 400),
                        ({"verdict": "correct", "label": "normal"}, 400),  # a head measurement has no label
-                       ({"verdict": "confirm", "note": "x" * 501}, 400), ({"verdict": "confirm", "feedback_id": "7"}, 400)):
+                       ({"verdict": "confirm", "note": "x" * 501}, 400), ({"verdict": "confirm", "feedback_id": "7"}, 400),
+                       (b'{"verdict": "confirm", "note": "\\ud800"}', 400),  # a lone surrogate: not UTF-8
+                       ({"verdict": "confirm", "feedback_id": 7}, 400)):
         status, answer = client.feedback(target["finding_id"], body)
         assert status == code and len(answer["error"].splitlines()) == 1, (body, status, answer)
     assert client.feedback(str(uuid.uuid4()), {"verdict": "confirm"})[0] == 404
@@ -194,7 +196,8 @@ def test_status_pictures_findings_and_feedback_on_a_running_daemon(daemon, tmp_p
     assert record["feedback_id"] == fid and record["finding_id"] == target["finding_id"]
     assert record["verdict"] == "correct" and record["value_mm"] == 181.5
     assert record["finding"]["model"] == "fetal-head" and record["device_id"] == "view-scanner"
-    assert client.feedback(target["finding_id"], body)[0] == 200  # the same retry: nothing new
+    again = client.feedback(target["finding_id"], body)  # the same retry: nothing new, its real state
+    assert again[0] == 200 and again[1]["state"] == "pending" and again[1]["feedback"] == record
     assert client.feedback(target["finding_id"], {**body, "value_mm": 170.0})[0] == 409
     assert len(feedback_rows(tmp_path / "state")) == len(rows)
     listed = client.json("/api/feedback")["feedback"]
@@ -363,19 +366,42 @@ def test_outbox_feedback_rows_are_durable_idempotent_never_evicted_and_stored_by
     seqs = [box.commit({"task": "classification", "priority": "routine", "result": {"label": "normal"}})
             for _ in range(2)]
     rec = {"feedback_id": str(uuid.uuid4()), "finding_id": "f", "verdict": "confirm"}
-    stored, created = box.commit_feedback(rec)
-    assert created and stored == rec
-    assert box.commit_feedback(dict(rec)) == (rec, False)
+    stored, created, state = box.commit_feedback(rec)
+    assert created and stored == rec and state == "pending"
+    assert box.commit_feedback(dict(rec)) == (rec, False, "pending")
+    # Counted apart: not an urgent finding, but owed all the same.
+    assert box.stats()["pending"] == {"urgent": 0, "routine": 2} and box.stats()["pending_feedback"] == 1
+    assert box.depth() == 3 and box.feedback_pending() == 1
     for _ in range(4):  # over max_rows: routine findings give way, the feedback never
         box.commit({"task": "classification", "priority": "routine", "result": {"label": "normal"}})
     assert [r for r, _ in box.feedback()] == [rec]
     batch = box.next_batch(10)
     assert batch[0].kind == "feedback" and batch[0].seq == -1 and all(r.kind == "findings" for r in batch[1:])
+    assert batch[0].priority == "feedback"
     assert box.stats()["next_seq"] == seqs[-1] + 5  # findings' seq has no gap for the feedback
     box.mark_delivered([batch[0].seq])
     assert box.mark_stored([rec["feedback_id"]]) == (1, 0)
     assert box.feedback()[0][1] == "stored" and box.feedback_pending() == 0
+    assert box.commit_feedback(dict(rec))[1:] == (False, "stored")
+    # Stored feedback stays through the caps too (only age takes done rows); newest listed first.
+    newer = [{"feedback_id": str(uuid.uuid4()), "finding_id": "f", "verdict": "confirm"} for _ in range(3)]
+    for r in newer:
+        box.commit_feedback(r)
+    box.mark_delivered([-2, -3, -4])
+    box.mark_stored([r["feedback_id"] for r in newer])
+    for _ in range(6):
+        box.commit({"task": "classification", "priority": "routine", "result": {"label": "normal"}})
+    assert [r["feedback_id"] for r, _ in box.feedback()] == [r["feedback_id"] for r in reversed(newer)] + \
+        [rec["feedback_id"]]
+    # A record that is not UTF-8 JSON is refused whole: an OutboxError, nothing stored.
+    from edge_runtime.outbox import OutboxError
+
+    with pytest.raises(OutboxError, match="UTF-8"):
+        box.commit_feedback({"feedback_id": str(uuid.uuid4()), "finding_id": "f", "note": "\ud800"})
+    assert len(box.feedback()) == 4
     box.close()
+    with pytest.raises(OutboxError, match="cannot read the feedback"):  # closed: one line, not a raw sqlite error
+        box.feedback()
 
 
 def test_receipts_with_feedback_ids_only_are_understood(tmp_path):
@@ -519,3 +545,84 @@ def test_a_study_finding_is_put_on_its_configured_source_and_its_tile_line_says_
     assert pictures.source_of({"source": {"kind": "phantom", "name": "probe"}}) == "probe"
     assert study_line(study) == "pneumonia 0.93, urgent, needs review"
     assert study_line({"result": {"assessed": False, "reason": "not a chest"}}) == "out of scope: not a chest"
+
+
+def test_a_feedback_body_that_arrives_in_pieces_is_read_whole_and_a_cross_origin_write_is_refused(daemon, tmp_path):
+    service, client = daemon
+    wait_until(lambda: client.json("/api/findings?limit=1")["findings"], 60, interval=0.2, what="a finding")
+    fid = client.json("/api/findings?limit=1")["findings"][0]["finding"]["finding_id"]
+    body = json.dumps({"verdict": "confirm", "note": "sent over a slow link"}).encode()
+    s = socket.create_connection(("127.0.0.1", service.view.port), timeout=10)
+    try:
+        s.sendall(f"POST /api/findings/{fid}/feedback HTTP/1.1\r\nHost: x\r\nAuthorization: bearer {service.view.token}"
+                  f"\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                  .encode())
+        for i in range(0, len(body), 7):  # seven bytes at a time, as a weak radio link delivers them
+            s.sendall(body[i:i + 7])
+            time.sleep(0.02)
+        answer = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        s.close()
+    assert answer.startswith(b"HTTP/1.1 201"), answer[:200]  # (and the Bearer scheme is case-insensitive)
+    status, headers, _ = client.request("/api/status")
+    assert headers.get("Cache-Control") == "no-store"
+    # A browser page of another origin (another port of this host is "same site") cannot write with the cookie.
+    req = urllib.request.Request(client.url + f"/api/findings/{fid}/feedback", data=b'{"verdict": "confirm"}',
+                                 headers={"Authorization": f"Bearer {client.token}", "Content-Type": "application/json",
+                                          "Origin": "http://127.0.0.1:1", "Sec-Fetch-Site": "same-site"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=10)
+    assert refused.value.code == 403
+    assert len(feedback_rows(tmp_path / "state")) == 1
+
+
+def test_viewers_that_leave_while_a_source_sends_nothing_give_their_slots_back(tmp_path):
+    """A probe unplugged (no new picture): viewers reloading the page must not use up view.max_viewers."""
+    from edge_runtime.service import Service
+
+    service = Service(load_config(write_config(tmp_path, view="port = 0\nmax_viewers = 2\n")))
+    service.start()
+    try:
+        wait_until(lambda: service.pictures.latest("probe")[0] > 0, 30, interval=0.1, what="a picture")
+        service.live_sources[0].stop(timeout=5)  # the feed goes silent
+        port, token = service.view.port, service.view.token
+        for _ in range(3):
+            streams = [open_stream(port, token, "/live.mjpeg?source=probe") for _ in range(2)]
+            read_parts(streams[0], 1)
+            for st in streams:
+                st.close()
+            wait_until(lambda: service.view._streams == 0, 10, interval=0.1, what="the slots given back")
+        s = open_stream(port, token, "/events")
+        s.settimeout(10)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+        s.close()
+    finally:
+        service.stop()
+
+
+def test_a_token_file_that_cannot_be_written_is_an_alarm_and_the_daemon_reads_on(tmp_path):
+    from edge_runtime.service import Service
+
+    service = Service(load_config(write_config(tmp_path, view='port = 0\ntoken_file = "/proc/edge-view.token"\n')))
+    try:
+        service.start()
+        assert service.view is None
+        assert any("view.token_file" in a and "cannot write" in a for a in service.alarms), service.alarms
+        wait_until(lambda: service.recent_frames("probe", 1), 30, interval=0.1, what="frames read without the view")
+    finally:
+        service.stop()
+
+
+def test_status_on_a_closed_outbox_is_a_one_line_503_not_a_traceback(daemon):
+    service, client = daemon
+    service.outbox.close()
+    status, _, body = client.request("/api/findings")
+    assert status == 503 and len(json.loads(body)["error"].splitlines()) == 1
+    assert client.request("/api/feedback")[0] == 503
+    status, _, body = client.request("/api/status")
+    assert status == 200 and "error" in json.loads(body)["outbox"]

@@ -33,15 +33,24 @@ def load_or_create_token(path: Path) -> str:
                                          f"chmod 600 {path}")
         return token
     token = secrets.token_urlsafe(TOKEN_BYTES)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, (token + "\n").encode("ascii"))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)  # a leftover from a crash may carry another mode: O_EXCL makes ours 0600
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, (token + "\n").encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        raise ConfigError(str(path), f"key 'view.token_file': cannot write the view token "
+                                     f"({exc.strerror or exc})") from None
     return token
 
 
@@ -51,9 +60,9 @@ def token_matches(expected: str, offered: str | None) -> bool:
 
 def offered_token(headers, query, cookies) -> tuple[str | None, bool]:
     """(the token a request offers, whether it came in the query string: a browser's first visit)."""
-    auth = headers.get("Authorization", "")
-    if auth.startswith("Bearer "):
-        return auth[len("Bearer "):].strip(), False
+    scheme, _, value = headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":  # the scheme is case-insensitive (RFC 7235)
+        return value.strip(), False
     if query.get("token"):
         return query.get("token"), True
     return cookies.get(COOKIE), False

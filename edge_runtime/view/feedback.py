@@ -83,16 +83,19 @@ def build_record(body: Any, finding: dict[str, Any], identity: DeviceIdentity,
                 raise FeedbackError(400, f"'value_mm' must be a number of millimetres from {VALUE_MM_RANGE[0]:g} to "
                                          f"{VALUE_MM_RANGE[1]:g}; got {value!r}")
             value = float(value)
-    if note is not None and (not isinstance(note, str) or len(note) > NOTE_MAX or "\x00" in note):
-        raise FeedbackError(400, f"'note' must be text of at most {NOTE_MAX} characters")
+    if note is not None and (not isinstance(note, str) or len(note) > NOTE_MAX or "\x00" in note
+                             or not _utf8(note)):
+        raise FeedbackError(400, f"'note' must be text (UTF-8) of at most {NOTE_MAX} characters")
     feedback_id = body.get("feedback_id")
     if feedback_id is None:
         feedback_id = str(uuid.uuid4())
     else:
         try:
-            feedback_id = str(uuid.UUID(str(feedback_id)))
+            if not isinstance(feedback_id, str):
+                raise ValueError
+            feedback_id = str(uuid.UUID(feedback_id))
         except ValueError:
-            raise FeedbackError(400, f"'feedback_id' must be a UUID; got {str(feedback_id)[:60]!r}") from None
+            raise FeedbackError(400, f"'feedback_id' must be a UUID string; got {str(feedback_id)[:60]!r}") from None
     record = {"feedback_id": feedback_id, "finding_id": finding["finding_id"], "device_id": identity.device_id,
               "site": identity.site, "created_at": _utc_now(), "verdict": verdict}
     for key, v in (("label", label), ("value_mm", value), ("note", note or None)):
@@ -100,6 +103,14 @@ def build_record(body: Any, finding: dict[str, Any], identity: DeviceIdentity,
             record[key] = v
     record["finding"] = finding_summary(finding)
     return record
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # a lone surrogate (JSON "\ud800") is not
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def same_feedback(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -284,6 +284,11 @@ class ViewServer:
             checked = await self._auth_check(request)
             if isinstance(checked, web.StreamResponse):
                 return checked
+            if request.method not in ("GET", "HEAD") and not _same_origin(request):
+                # The cookie is SameSite=Strict, but "same site" includes another port of this host: a page served
+                # there could post with it. A browser says where a request comes from; only this origin may write.
+                self.counters["unauthorized"] += 1
+                return web.Response(status=403, text="403: a write to the view must come from the view's own page\n")
             if checked:  # a browser's first visit: the token moves into a cookie
                 if request.path == "/":
                     response = web.Response(status=302, headers={"Location": "/"})  # token out of the address bar
@@ -292,8 +297,12 @@ class ViewServer:
                 if not response.prepared:  # a stream has sent its headers already; the header token still works
                     response.set_cookie(auth.COOKIE, self.token, httponly=True, samesite="Strict", path="/",
                                         secure=self.scheme == "https")
+                    response.headers.setdefault("Cache-Control", "no-store")
                 return response
-            return await handler(request)
+            response = await handler(request)
+            if not response.prepared:  # patient pictures and findings: never in a shared tablet's disk cache
+                response.headers.setdefault("Cache-Control", "no-store")
+            return response
 
         return middleware
 
@@ -353,33 +362,36 @@ class ViewServer:
 
         finding_id = request.match_info["finding_id"]
         try:
-            record, created = await self._take_feedback(request, finding_id)
+            record, created, state = await self._take_feedback(request, finding_id)
         except FeedbackError as exc:
             self.counters["feedback_refused"] += 1
-            log.warning("view: feedback on finding %s refused (%d): %s", finding_id[:64], exc.status, exc)
+            log.warning("view: feedback on finding %r refused (%d): %s", finding_id[:64], exc.status, exc)
             return _error(exc.status, str(exc))
         except OutboxError as exc:
             self.counters["feedback_refused"] += 1
-            log.error("view: feedback on finding %s not stored: %s", finding_id[:64], exc.reason)
+            log.error("view: feedback on finding %r not stored: %s", finding_id[:64], exc.reason)
             return _error(503, f"outbox: {exc.reason}; nothing was stored, try again")
         if created:
             self.counters["feedback"] += 1
             log.info("view: feedback %s on finding %s: %s%s", record["feedback_id"], finding_id, record["verdict"],
                      "".join(f" {k}={record[k]}" for k in ("label", "value_mm") if k in record))
             self._publish("feedback", {**record, "state": "pending"})
-        return web.json_response({"feedback": record, "state": "pending" if created else "stored before"},
-                                 status=201 if created else 200, dumps=_dumps)
+        return web.json_response({"feedback": record, "state": state}, status=201 if created else 200, dumps=_dumps)
 
-    async def _take_feedback(self, request, finding_id: str) -> tuple[dict, bool]:
+    async def _take_feedback(self, request, finding_id: str) -> tuple[dict, bool, str]:
         if len(finding_id) > 200:
             raise FeedbackError(404, "unknown finding (the id is too long to be one)")
         if request.content_type != "application/json":
-            raise FeedbackError(415, f"the body must be application/json; got {request.content_type or 'nothing'}")
+            given = request.headers.get("Content-Type") or "no Content-Type"
+            raise FeedbackError(415, f"the body must be application/json; got {given[:80]!r}")
         if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
             raise FeedbackError(413, f"the body is over {MAX_BODY_BYTES} bytes")
-        raw = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(raw) > MAX_BODY_BYTES:
-            raise FeedbackError(413, f"the body is over {MAX_BODY_BYTES} bytes")
+        from aiohttp import web
+
+        try:
+            raw = await request.read()  # the whole body, however it arrives (client_max_size caps it)
+        except web.HTTPRequestEntityTooLarge:
+            raise FeedbackError(413, f"the body is over {MAX_BODY_BYTES} bytes") from None
         try:
             body = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -389,10 +401,10 @@ class ViewServer:
         if finding is None:
             raise FeedbackError(404, f"unknown finding {finding_id!r} (not on this device, or pruned)")
         record = build_record(body, finding, self.service.identity, self._labels_for)
-        stored, created = await self._io(box.commit_feedback, record)
+        stored, created, state = await self._io(box.commit_feedback, record)
         if not created and not same_feedback(stored, record):
             raise FeedbackError(409, f"feedback_id {record['feedback_id']} was used before for other feedback")
-        return stored, created
+        return stored, created, state
 
     def _labels_for(self, model: str) -> list[str]:
         runner = self.service.runners.get(model)
@@ -429,12 +441,13 @@ class ViewServer:
         from aiohttp import web
 
         source = self._source(request)
+        raw_fps = request.query.get("fps", str(self.cfg.mjpeg_max_fps))
         try:
-            fps = float(request.query.get("fps", self.cfg.mjpeg_max_fps))
+            fps = float(raw_fps)
         except ValueError:
             fps = 0.0
         if not fps > 0:
-            raise web.HTTPBadRequest(text="400: fps must be a number above 0\n")
+            raise web.HTTPBadRequest(text=f"400: fps must be a number above 0; got {raw_fps[:20]!r}\n")
         fps = min(fps, self.cfg.mjpeg_max_fps)
         if not self._stream_slot():
             raise web.HTTPServiceUnavailable(text=f"503: {self.cfg.max_viewers} viewers already (view.max_viewers)\n")
@@ -447,6 +460,8 @@ class ViewServer:
             interval, next_at, last = 1.0 / fps, 0.0, 0
             while not self._closing:
                 if self.pictures.latest(source)[0] == last:
+                    if request.transport is None or request.transport.is_closing():
+                        break  # the viewer left while no picture came (a source down): give its slot back
                     await self._wait_picture(source, 1.0)
                     continue
                 wait = next_at - loop.time()
@@ -524,14 +539,33 @@ class ViewServer:
             self._streams -= 1
         return resp
 
+    def _gather(self, last_seq: int | None, want_status: bool) -> dict[str, Any]:
+        """On the io thread, once per tick: everything the broadcaster sends (a slow disk or a hung inbox folder
+        stalls this thread, never the event loop that serves the page and the streams)."""
+        from edge_runtime.config import LIVE_KINDS
+
+        box = self.service.outbox
+        if last_seq is None:
+            last_seq = box.stats()["next_seq"] - 1
+        findings = box.findings_after(last_seq)
+        results = []
+        for src in self.service.config.sources:
+            if src.kind in LIVE_KINDS:
+                recent = self.service.recent_frames(src.name, 30)
+                if recent:
+                    results.append((src.name, recent))
+        alarms = [a.get("reason", "") for a in self.service.current_alarms()] + list(self.service.alarms)[-5:]
+        return {"now": time.time(), "results": results, "findings": findings, "alarms": alarms,
+                "last_seq": max([last_seq] + [f.get("seq", last_seq) for f in findings]),
+                "status": status(self.service, self.pictures) if want_status else None}
+
     async def _broadcast(self) -> None:
         """While anyone listens: results (<= 4/s per live source), new findings, alarms, and the status."""
-        from edge_runtime.config import LIVE_KINDS
         from edge_runtime.outbox import OutboxError
 
         loop = asyncio.get_running_loop()
         seen_frames: dict[str, int] = {}
-        last_seq = None
+        last_seq: int | None = None
         last_status = 0.0
         last_alarms: list[str] = []
         while not self._closing:
@@ -541,31 +575,38 @@ class ViewServer:
                 last_seq = None
                 continue
             try:
-                now = time.time()
-                for src in self.service.config.sources:
-                    if src.kind not in LIVE_KINDS:
-                        continue
-                    recent = self.service.recent_frames(src.name, 30)
-                    if recent and recent[-1].frame_index != seen_frames.get(src.name):
-                        seen_frames[src.name] = recent[-1].frame_index
-                        self._publish("result", {"source": src.name, **live_tile(recent, now)})
-                if last_seq is None:
-                    last_seq = box.stats()["next_seq"] - 1
-                for f in await self._io(box.findings_after, last_seq):
-                    last_seq = max(last_seq, f.get("seq", last_seq))
+                want_status = loop.time() - last_status >= STATUS_EVERY_S
+                tick = await self._io(self._gather, last_seq, want_status)
+                for name, recent in tick["results"]:
+                    if recent[-1].frame_index != seen_frames.get(name):
+                        seen_frames[name] = recent[-1].frame_index
+                        self._publish("result", {"source": name, **live_tile(recent, tick["now"])})
+                for f in tick["findings"]:
                     self._publish("finding", {**light(f), "view_source": self.pictures.source_of(f)})
-                alarms = [a.get("reason", "") for a in self.service.current_alarms()] + list(self.service.alarms)[-5:]
-                for text in alarms:
+                last_seq = tick["last_seq"]
+                for text in tick["alarms"]:
                     if text not in last_alarms:
                         self._publish("alarm", {"text": text})
-                last_alarms = alarms
-                if loop.time() - last_status >= STATUS_EVERY_S:
+                last_alarms = tick["alarms"]
+                if want_status:
                     last_status = loop.time()
-                    self._publish("status", await self._io(status, self.service, self.pictures))
+                    self._publish("status", tick["status"])
             except OutboxError as exc:
                 log.warning("view: reading the outbox for events failed: %s", exc.reason)
             except Exception:  # noqa: BLE001 - the broadcaster must outlive one bad read
                 log.exception("view: the event broadcaster failed once; going on")
+
+
+def _same_origin(request) -> bool:
+    """No Origin / Sec-Fetch-Site header (curl, a script): fine, the token decides. A browser's cross-origin write
+    (another port or host) is refused."""
+    site = request.headers.get("Sec-Fetch-Site")
+    if site is not None and site not in ("same-origin", "none"):
+        return False
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    return origin == f"{request.scheme}://{request.host}"
 
 
 def _dumps(obj: Any) -> str:
