@@ -34,9 +34,20 @@ class InvertedResidual(nn.Module):
 DEFAULT_CFG = ((1, 16, 1, 1), (4, 24, 2, 2), (4, 32, 2, 2), (4, 64, 3, 2), (4, 96, 2, 1), (4, 128, 2, 2))
 
 
+def cfg_with_final_stride(cfg=DEFAULT_CFG, final_stride: int = 2) -> tuple:
+    """cfg with the last stage's first stride replaced: 2 (DEFAULT_CFG, total stride 32: a 4x4 final grid at 128 px,
+    the 1.0.0 model) or 1 (total stride 16: an 8x8 final grid, a finer class activation map; same weights' shapes)."""
+    *head, (t, c, n, _s) = cfg
+    return tuple(head) + ((t, c, n, final_stride),)
+
+
 class CXRNet(nn.Module):
-    def __init__(self, cfg=DEFAULT_CFG, stem: int = 24, last: int = 384, n_classes: int = 2, dropout: float = 0.2) -> None:
+    def __init__(self, cfg=DEFAULT_CFG, stem: int = 24, last: int = 384, n_classes: int = 2, dropout: float = 0.2,
+                 final_stride: int | None = None) -> None:
         super().__init__()
+        if final_stride is not None:
+            cfg = cfg_with_final_stride(cfg, final_stride)
+        self.cfg = tuple(cfg)
         layers = [conv_bn(1, stem, 3, 2)]
         c = stem
         for t, cout, n, s in cfg:

@@ -8,12 +8,12 @@
 2. Logits unchanged and consistent: |logit - (mean(cam) - ... + bias)| is reported (spatial mean of the map plus
    the classifier bias must equal the logit).
 3. INT8 agreement: Pearson r of the INT8 QDQ graph's pneumonia map with the FP32 graph's, per validation image,
-   on the raw 4x4 map and on the 16x16 grid the finding carries; on ONNX Runtime and OpenVINO.
+   on the raw map (4x4 for 1.0.0, 8x8 for 1.1.0; the keys say "raw_4x4" for both) and on the 16x16 grid the finding carries; on ONNX Runtime and OpenVINO.
 4. Deletion test (faithfulness): on true-positive validation images (pneumonia, flagged at the manifest's
    threshold on calibrated P), the runtime's top-20 %-mass box (edge_runtime.explain) is filled with the image mean
    and P(pneumonia) re-measured; the same for random boxes of the same size (10 positions per image, seeded).
    A win: the map's box lowers P more than the mean of the random boxes. Per variant and engine; on ONNX Runtime
-   also the diagnostic variants in DELETION_VARIANTS, and a 4x4 occlusion map against the map itself.
+   also the diagnostic variants in DELETION_VARIANTS, and an occlusion map on the map's own grid against the map itself.
 
     .venv/bin/pip install torch==2.13.0
     .venv/bin/python models/cxr-pneumonia/explain_check.py --data ../shared/data/cxr-kermany --out /tmp/explain.json \
@@ -56,7 +56,10 @@ RANDOM_BOXES = 10
 
 
 def torch_model_from_onnx(onnx_path: Path):
-    """CXRNet with the ONNX graph's (BatchNorm-folded) conv weights and biases; BatchNorm set to the identity."""
+    """CXRNet with the ONNX graph's (BatchNorm-folded) conv weights and biases; BatchNorm set to the identity.
+
+    The conv strides are read from the graph too, so a model trained with train.py --final-stride 1 (8x8 final
+    grid, 1.1.0) and one with the default (4x4, 1.0.0) are both rebuilt as they were exported."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -77,6 +80,8 @@ def torch_model_from_onnx(onnx_path: Path):
             w, b = inits[node.input[1]], inits[node.input[2]]
             if tuple(conv.weight.shape) != w.shape:
                 raise SystemExit(f"shape mismatch at {node.name}: {tuple(conv.weight.shape)} vs {w.shape}")
+            strides = next((tuple(a.ints) for a in node.attribute if a.name == "strides"), (1, 1))
+            conv.stride = strides
             conv.weight.copy_(torch.from_numpy(w))
             bn.weight.fill_(1.0)
             bn.bias.copy_(torch.from_numpy(b))
@@ -322,8 +327,8 @@ def deletion_test(engine, images, xs, labels, manifest, variants=("box-mean",), 
 
 
 def occlusion_agreement(engine, images, xs, labels, manifest, limit: int = 200) -> dict:
-    """Each 1/16 block of the image (the map's 4x4 cells) filled with the image mean in turn: the logit-margin drop
-    per block against the map's pneumonia-minus-normal value of the same cell (Pearson r per image, argmax agreement)."""
+    """Each block of the image under one cell of the map's grid (4x4 or 8x8) filled with the image mean in turn: the
+    logit-margin drop per block against the map's pneumonia-minus-normal value of the same cell (Pearson r per image, argmax agreement)."""
     spec = manifest.preprocess
     rs, agree, n = [], 0, 0
     for img, x, label in zip(images, xs, labels):
@@ -336,11 +341,12 @@ def occlusion_agreement(engine, images, xs, labels, manifest, limit: int = 200) 
         n += 1
         h, w = img.shape[:2]
         fill = np.uint8(round(float(img.mean())))
-        drop = np.zeros((4, 4))
-        for i in range(4):
-            for j in range(4):
+        gh, gw = out[2].shape[2:]
+        drop = np.zeros((gh, gw))
+        for i in range(gh):
+            for j in range(gw):
                 im = img.copy()
-                im[i * h // 4:(i + 1) * h // 4, j * w // 4:(j + 1) * w // 4] = fill
+                im[i * h // gh:(i + 1) * h // gh, j * w // gw:(j + 1) * w // gw] = fill
                 drop[i, j] = z0 - _margin(engine.run(prepare(im, spec)[0]))
         cam = out[2][0, POSITIVE] - out[2][0, 1 - POSITIVE]
         rs.append(pearson(drop, cam))

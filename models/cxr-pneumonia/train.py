@@ -24,7 +24,7 @@ import training_common as tc  # noqa: E402  (also puts the repo root on sys.path
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cxr_net import DEFAULT_CFG, CXRNet  # noqa: E402
+from cxr_net import CXRNet  # noqa: E402
 from edge_runtime.imaging.preprocess import PreprocessSpec, prepare  # noqa: E402
 from quantize.datasets import CXR_LABELS, cxr_items_with_groups, load_display_image  # noqa: E402
 
@@ -88,6 +88,22 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img
 
 
+def erase(img: np.ndarray, rng: np.random.Generator, p: float, area: tuple[float, float]) -> np.ndarray:
+    """Random erasing (cutout) with the image's own mean grey, the fill of the deletion test (explain_check.py): with
+    probability p one box of area U(area) of the image and aspect ratio log-uniform in 0.3-3.3 is set to the mean of
+    the (augmented) display image, so a flat mean-grey patch is not evidence for either class. Off when p == 0."""
+    if p <= 0 or rng.random() >= p:
+        return img
+    h, w = img.shape
+    a = rng.uniform(*area) * h * w
+    r = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
+    bh, bw = min(h, max(1, int(round(math.sqrt(a * r))))), min(w, max(1, int(round(math.sqrt(a / r)))))
+    y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+    img = img.copy()
+    img[y : y + bh, x : x + bw] = np.uint8(round(float(img.mean())))
+    return img
+
+
 def batch_tensor(images) -> torch.Tensor:
     return torch.from_numpy(np.concatenate([prepare(im, SPEC)[0] for im in images]))
 
@@ -134,6 +150,13 @@ def predict_probs(model, images, batch: int = 128) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- main
 def main() -> None:
     ap = tc.training_parser(__doc__.splitlines()[0], "cxr-kermany", HERE, epochs=28, batch=32)
+    # Issue 15 options (defaults reproduce the 1.0.0 model): a finer final grid and training that makes a deletion
+    # test of the class activation map meaningful (the fill is no evidence, P does not saturate).
+    ap.add_argument("--final-stride", type=int, default=2, choices=(1, 2),
+                    help="first stride of the last stage: 2 = 4x4 final grid at 128 px (1.0.0), 1 = 8x8")
+    ap.add_argument("--erase-p", type=float, default=0.0, help="random erasing with the image-mean fill, probability")
+    ap.add_argument("--erase-area", type=float, nargs=2, default=(0.02, 0.25), help="erased box area fraction range")
+    ap.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
     args = ap.parse_args()
 
     tc.seed_everything(args.seed)
@@ -147,7 +170,7 @@ def main() -> None:
            f"val {len(val['labels'])} ({np.bincount(val['labels'])[0]} / {np.bincount(val['labels'])[1]}, "
            f"{len(set(val['groups']))} patients); class weights {class_w.tolist()}")
 
-    model = CXRNet()
+    model = CXRNet(final_stride=args.final_stride)
     n_params = tc.count_params(model)
     tc.log(f"CXRNet params {n_params}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
@@ -169,10 +192,11 @@ def main() -> None:
             idx = order[b : b + args.batch]
             if len(idx) < 2:  # BatchNorm needs > 1 sample
                 continue
-            x = batch_tensor([augment(train["images"][i], rng) for i in idx])
+            x = batch_tensor([erase(augment(train["images"][i], rng), rng, args.erase_p, tuple(args.erase_area))
+                              for i in idx])
             y = torch.from_numpy(train["labels"][idx])
             opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(x), y, weight=class_w)
+            loss = F.cross_entropy(model(x), y, weight=class_w, label_smoothing=args.label_smoothing)
             loss.backward()
             opt.step()
             sched.step()
@@ -307,16 +331,21 @@ def main() -> None:
             "seed": args.seed,
             "created": tc.today(),
             "epochs": args.epochs,
+            "final_stride": args.final_stride,
+            "erase_p": args.erase_p,
+            "erase_area": list(args.erase_area),
+            "label_smoothing": args.label_smoothing,
         },
     }
     import tomli_w
 
     (args.out / "manifest.toml").write_text(tomli_w.dumps(manifest))
-    (args.out / "CARD.md").write_text(card(manifest, metrics, history, args, n_params, onnx_path, best["epoch"], train_minutes, thr))
+    (args.out / "CARD.md").write_text(card(manifest, metrics, history, args, n_params, onnx_path, best["epoch"], train_minutes, thr,
+                                           model.cfg))
     tc.log(f"wrote {args.out / 'manifest.toml'} and CARD.md; total wall {wall() / 60:.1f} min")
 
 
-def card(manifest, m, history, args, n_params, onnx_path, best_epoch, train_minutes, thr) -> str:
+def card(manifest, m, history, args, n_params, onnx_path, best_epoch, train_minutes, thr, cfg) -> str:
     t, p = manifest["training"], manifest["provenance"]
     hist = "\n".join(
         f"| {e} | {lo:.4f} | {vl:.4f} | {a:.4f} | {se:.3f} | {sp:.3f} |" for e, lo, vl, a, se, sp in history
@@ -351,8 +380,8 @@ threshold favours sensitivity (>= 0.95 on validation); about {1 - m['val_specifi
 - Output `logits` `[1, 2]`, softmax over `["normal", "pneumonia"]`.
 
 ## Architecture
-MobileNetV2-style CNN: 3x3 stride-2 stem (24), inverted-residual blocks {DEFAULT_CFG} (expand, channels,
-repeats, stride), 1x1 conv to 384, global average pool, dropout 0.2, linear 2. ReLU activations, BatchNorm.
+MobileNetV2-style CNN: 3x3 stride-2 stem (24), inverted-residual blocks {cfg} (expand, channels,
+repeats, stride; final grid {SIZE // (16 * args.final_stride)}x{SIZE // (16 * args.final_stride)}), 1x1 conv to 384, global average pool, dropout 0.2, linear 2. ReLU activations, BatchNorm.
 {n_params:,} parameters; `{onnx_path.name}` {onnx_path.stat().st_size / 1e6:.1f} MB, ONNX opset 17, static batch 1.
 ORT FP32 (2 intra-op threads, batch 1, 300 runs after warm-up, 2-vCPU build machine): p50 **{m['ort_fp32_p50_ms']:.2f} ms**,
 p90 {m['ort_fp32_p90_ms']:.2f} ms. Max |ORT - torch| logit difference on 16 validation images: {m['ort_max_abs_diff_vs_torch']:.2g}.
@@ -399,7 +428,8 @@ AdamW (lr {args.lr}, wd 5e-4), 1 epoch warm-up + cosine, batch {args.batch}, {p[
 AUC, ties by class-weighted val log-loss), class-weighted cross-entropy (weights inverse to class frequency) for
 the 1:2.9 imbalance. Augmentation on the uint8 display image before `prepare`: rotation +-10 deg, scale 0.88-1.15
 with independent x/y aspect +-10 %, shift +-6 %, gamma 0.7-1.4, contrast 0.75-1.3, brightness +-0.1, blur or additive
-noise (p 0.15 each). No flips. torch {p['torch']}, 2 CPU threads, seed {p['seed']}, deterministic algorithms;
+noise (p 0.15 each). Random erasing p {args.erase_p} (area {args.erase_area[0]}-{args.erase_area[1]}, image-mean fill),
+label smoothing {args.label_smoothing}. No flips. torch {p['torch']}, 2 CPU threads, seed {p['seed']}, deterministic algorithms;
 {train_minutes:.1f} min of training.
 
 | epoch | train loss | val loss | val AUC | val sens @ thr | val spec @ thr |
