@@ -120,7 +120,7 @@ def test_mark_delivered_counts_once_and_stats_follow(box):
 def recount(path) -> dict[str, int]:
     """The pending counters recomputed from the rows themselves, to compare with the meta table."""
     conn = sqlite3.connect(path)
-    out = {f"pending_{k}_{r}": 0 for k in ("rows", "bytes") for r in (0, 1)}
+    out = {f"pending_{k}_{r}": 0 for k in ("rows", "bytes") for r in (-1, 0, 1)}  # -1: feedback
     rows = conn.execute("SELECT rank, COUNT(*), COALESCE(SUM(bytes), 0) FROM findings WHERE state = 0 GROUP BY rank")
     for rank, n, size in rows:
         out[f"pending_rows_{rank}"], out[f"pending_bytes_{rank}"] = n, size
