@@ -44,8 +44,14 @@ def quantize_ort(
     method: str = "minmax",
     percentile: float = DEFAULT_PERCENTILE,
     nodes_to_exclude: list[str] | None = None,
+    reduce_range: bool = True,
 ) -> dict[str, Any]:
-    """Quantize an FP32 ONNX model to a QDQ INT8 ONNX file; returns what was done (for the manifest)."""
+    """Quantize an FP32 ONNX model to a QDQ INT8 ONNX file; returns what was done (for the manifest).
+
+    `reduce_range` (the default) keeps weights to 7 bits: on an x86 CPU without VNNI both ONNX Runtime and OpenVINO
+    multiply u8 x s8 pairs into 16-bit sums that saturate with full-range weights (255 x 127 x 2 > 32767), and the
+    variant then computes something else there (BENCHMARKS.md, "INT8 on a CPU without VNNI"). Full range (False)
+    is for boards known to have VNNI or AMX; its manifest entry must then say `cpu_requires = ["vnni"]`."""
     import onnx
     import onnxruntime
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -80,7 +86,7 @@ def quantize_ort(
                 ort_reader(calib, input_name),
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
-                reduce_range=False,
+                reduce_range=reduce_range,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=calibrate_method,
@@ -94,7 +100,8 @@ def quantize_ort(
         "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
         "format": "QDQ",
         "activations": "uint8 (asymmetric, per-tensor)",
-        "weights": "int8 (symmetric, per-channel)",
+        "weights": "int8 (symmetric, per-channel" + (", 7-bit range: no saturation without VNNI)" if reduce_range
+                                                     else ", full 8-bit range: needs VNNI/AMX on x86)"),
         "calibration_method": method,
         "pre_process": "onnxruntime.quantization.shape_inference.quant_pre_process",
         **summary,
