@@ -364,21 +364,11 @@ def check_pacs(config: Config) -> None:
         raise ConfigError(path, "keys 'pacs.ca_file', 'pacs.cert_file' and 'pacs.key_file' need pacs.tls = true")
 
 
-def is_loopback(host: str) -> bool:
-    """127.0.0.0/8, ::1 and localhost: addresses no other machine can reach."""
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def check_view(config: Config) -> None:
     """The view answers on loopback unless TLS (or an explicit allow_plain_http) covers another address."""
     path = config.source_path or "configuration"
+    from edge_runtime.transport import is_loopback
+
     v = config.view
     if not v.enabled:
         return
