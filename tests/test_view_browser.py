@@ -20,6 +20,7 @@ import time
 import pytest
 from cdp import Browser, skip_reason
 from conftest import CR_CHEST
+from mqtt_helpers import MOSQUITTO, Broker, wait_until
 
 pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
 
@@ -61,17 +62,6 @@ true;
 """
 
 
-def wait_until(cond, timeout: float, what: str, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:.0f} s")
-        time.sleep(interval)
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     from edge_runtime.config import load_config
@@ -85,8 +75,6 @@ def daemon(tmp_path_factory):
         shutil.copy(CR_CHEST, inbox / "chest.dcm")
         xray = f'[[sources]]\nname = "xray"\nkind = "dicom-folder"\nmodel = "cxr-pneumonia"\ninbox = "{inbox}"\n'
     # A real Mosquitto and collector when the binary is there: feedback clicked on the page must reach the hub.
-    from mqtt_helpers import MOSQUITTO, Broker
-
     broker = collector = None
     mqtt = ""
     if MOSQUITTO is not None:
@@ -249,14 +237,16 @@ def test_a_confirm_click_reaches_the_outbox_the_hub_and_the_feedback_list(daemon
                            " })()",
                            10, what="the answer to the confirm")
     assert "done" in answer, answer
-    rows = wait_until(lambda: outbox_feedback(service, fid), 5, "the feedback row in the outbox")
+    rows = wait_until(lambda: outbox_feedback(service, fid), 5, interval=0.2, what="the feedback row in the outbox")
     (rec, state), = rows
     assert rec["verdict"] == "confirm" and state in ("pending", "sent", "stored")
     assert rec["device_id"] == "test-scanner" and rec["finding"]["model"]
     if hub_db is not None:  # through the outbox and a real Mosquitto to the collector, whose receipt marks it stored
-        row = wait_until(lambda: hub_feedback(hub_db, rec["feedback_id"]), 30, "the feedback at the collector")
+        row = wait_until(lambda: hub_feedback(hub_db, rec["feedback_id"]), 30, interval=0.2,
+                         what="the feedback at the collector")
         assert row == (fid, "confirm")
-        wait_until(lambda: outbox_feedback(service, fid)[0][1] == "stored", 30, "the collector's receipt")
+        wait_until(lambda: outbox_feedback(service, fid)[0][1] == "stored", 30, interval=0.2,
+                   what="the collector's receipt")
     page.wait_for(f"document.querySelector('li.feedback[data-feedback-id=\"{rec['feedback_id']}\"]') !== null", 5,
                   what="the feedback on the page's list")
     # The page shows it on the finding too, and after a reload (from /api/feedback, not only from its own POST).
@@ -277,7 +267,7 @@ def test_a_correction_of_a_measurement_carries_the_value(daemon, page):
                   " f.querySelector('input[name=note]').value = 'caliper on the outer table';"
                   " f.querySelector('button[type=submit]').click(); })()")
     rows = wait_until(lambda: [x for x in outbox_feedback(service, fid) if x[0]["verdict"] == "correct"], 10,
-                      "the correction in the outbox")
+                      interval=0.2, what="the correction in the outbox")
     rec, _ = rows[0]
     assert rec["value_mm"] == pytest.approx(181.5) and rec["note"] == "caliper on the outer table"
     assert rec["finding"]["task"] == "segmentation"
@@ -300,7 +290,7 @@ def test_a_correction_of_a_classification_offers_the_models_labels(daemon, page)
                   f" f.querySelector('select[name=label]').value = '{other}';"
                   " f.querySelector('button[type=submit]').click(); })()")
     rows = wait_until(lambda: [x for x in outbox_feedback(service, fid) if x[0]["verdict"] == "correct"], 10,
-                      "the label correction in the outbox")
+                      interval=0.2, what="the label correction in the outbox")
     assert rows[0][0]["label"] == other
     # The study tile shows the study's picture (latest.jpg), not a broken image.
     page.wait_for(f"{tile('xray')}.querySelector('img').naturalWidth > 0", 10, what="the study picture")
