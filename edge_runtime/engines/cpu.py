@@ -29,9 +29,10 @@ def cpu_flags() -> frozenset[str]:
 
 def missing(requirements: tuple[str, ...], flags: frozenset[str] | None = None) -> list[str]:
     """The capabilities of `requirements` this CPU lacks (unknown names count as lacking)."""
-    flags = cpu_flags() if flags is None else flags
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86") and flags is cpu_flags():
-        return list(requirements)  # the capabilities named here are x86 ones
+    if flags is None:
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+            return list(requirements)  # the capabilities named here are x86 ones
+        flags = cpu_flags()
     return [r for r in requirements if not flags.intersection(CAPABILITIES.get(r, ()))]
 
 

@@ -27,7 +27,7 @@ def _utc(ts: float | None) -> str | None:
 def latest_fields(r) -> dict[str, Any]:
     return {"frame_index": r.frame_index, "captured_ts": round(r.captured_at, 3), "assessed": r.assessed,
             "detected": r.detected, "head_circumference_mm": r.head_circumference_mm,
-            "quality": getattr(r, "quality", None), "exam_id": r.exam_id, "latency_ms": round(r.latency_ms, 2),
+            "quality": r.quality, "exam_id": r.exam_id, "latency_ms": round(r.latency_ms, 2),
             "budget_met": r.budget_met, "variant": r.variant}
 
 
