@@ -8,8 +8,8 @@ One shape for every method, so the view page and the hub draw them the same way:
      "overlay": "data:image/jpeg;base64,...", the image with the map blended, at most 24 KB of JPEG}
 
 `cam`: the model's "cam" graph output (quantize/cam_output.py), the map of the manifest's [explanation] label, ReLU'd
-(only evidence for the class counts, as in Grad-CAM) and scaled to a maximum of 1. `bbox` is the bounding box of the
-highest-valued pixels that together hold `top_mass` (20 %) of the map's mass. `segmentation`: the head mask and the
+(only evidence for the class counts, as in Grad-CAM) and scaled to a maximum of 1. `bbox` is the smallest box
+holding `top_mass` (20 %) of the map's mass: where the evidence is densest. `segmentation`: the head mask and the
 fitted ellipse; `bbox` is the mask's bounding box.
 
 Pure numpy/OpenCV on the display image: no engine, no manifest file reading, so the offline faithfulness check
@@ -29,7 +29,7 @@ from edge_runtime.imaging.preprocess import ResizeGeometry
 GRID = 16
 MAX_OVERLAY_BYTES = 24 * 1024
 OVERLAY_MAX_SIDE = 384  # a worklist thumbnail: enough to see a lobe, small enough for the uplink
-WORK_MAX_SIDE = 256  # the map is computed at this resolution (a 4x4 CAM has no finer detail) and the bbox scaled up
+WORK_MAX_SIDE = 256  # the map is computed at this resolution (an 8x8 CAM has no finer detail) and the bbox scaled up
 METHODS = ("cam", "segmentation")
 
 
@@ -89,17 +89,37 @@ def cam_to_image(cam: np.ndarray, geometry: ResizeGeometry, model_hw: tuple[int,
     return out / peak
 
 
+BOX_SEARCH_SIDE = 32  # the smallest box is searched on the map resized to at most this side, then scaled up
+
+
 def top_mass_box(m: np.ndarray, image_hw: tuple[int, int], fraction: float = 0.2) -> Box:
-    """Bounding box, in image pixels, of the highest-valued pixels of m that together hold `fraction` of its mass."""
-    flat = m.ravel()
-    order = np.argsort(flat, kind="stable")[::-1]
-    cum = np.cumsum(flat[order], dtype=np.float64)
-    k = int(np.searchsorted(cum, fraction * cum[-1])) + 1
-    rows, cols = np.unravel_index(order[:k], m.shape)
+    """The smallest box, in image pixels, holding `fraction` of the (non-negative) map's mass: every axis-aligned
+    box of the map (resized to at most BOX_SEARCH_SIDE a side) is tried; of those with the least area holding the
+    mass, the one holding the most. So the box is where the evidence is densest, not the hull of scattered peaks."""
     h, w = image_hw
-    sy, sx = h / m.shape[0], w / m.shape[1]
-    x0, y0 = int(np.floor(cols.min() * sx)), int(np.floor(rows.min() * sy))
-    x1, y1 = min(w, int(np.ceil((cols.max() + 1) * sx))), min(h, int(np.ceil((rows.max() + 1) * sy)))
+    mh, mw = m.shape
+    scale = min(1.0, BOX_SEARCH_SIDE / max(mh, mw))
+    gh, gw = max(1, round(mh * scale)), max(1, round(mw * scale))
+    g = m if (gh, gw) == (mh, mw) else cv2.resize(m.astype(np.float32), (gw, gh), interpolation=cv2.INTER_AREA)
+    g = np.maximum(g.astype(np.float64), 0.0)
+    s = np.zeros((gh + 1, gw + 1))
+    s[1:, 1:] = g.cumsum(0).cumsum(1)
+    target = fraction * s[-1, -1] * (1 - 1e-9)
+    best = (gh * gw + 1, 0.0, (0, 0, gw, gh))  # (area, -mass, box)
+    for bh in range(1, gh + 1):
+        rows = s[bh:] - s[:-bh]  # [gh - bh + 1, gw + 1]: column prefix sums of each band of height bh
+        for bw in range(1, gw + 1):
+            if bh * bw > best[0]:
+                break
+            mass = rows[:, bw:] - rows[:, :-bw]  # [y, x] mass of the bh x bw box at (x, y)
+            y, x = np.unravel_index(int(np.argmax(mass)), mass.shape)
+            if mass[y, x] >= target and (bh * bw, -mass[y, x]) < best[:2]:
+                best = (bh * bw, -float(mass[y, x]), (int(x), int(y), bw, bh))
+                break
+    x, y, bw, bh = best[2]
+    sy, sx = h / gh, w / gw
+    x0, y0 = int(np.floor(x * sx)), int(np.floor(y * sy))
+    x1, y1 = min(w, int(np.ceil((x + bw) * sx))), min(h, int(np.ceil((y + bh) * sy)))
     return Box(x0, y0, x1 - x0, y1 - y0)
 
 

@@ -55,7 +55,28 @@ def test_more_mass_means_a_box_at_least_as_large():
     m = cv2.GaussianBlur(rng.random((64, 64)).astype(np.float32), (0, 0), 6)
     small, large = top_mass_box(m, (64, 64), 0.2), top_mass_box(m, (64, 64), 0.8)
     assert small.width * small.height <= large.width * large.height
-    assert large.x <= small.x and large.y <= small.y
+
+
+def box_mass(m: np.ndarray, b) -> float:
+    return float(m[b.y: b.y + b.height, b.x: b.x + b.width].sum())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_top_mass_box_is_the_smallest_box_holding_the_mass(seed):
+    """Against brute force on a small map: no box of smaller area holds 20 % of the mass, and the one returned
+    does; for a map whose mass is scattered over far peaks the box sits on the densest one, not their hull."""
+    rng = np.random.default_rng(seed)
+    m = cv2.GaussianBlur(rng.random((12, 12)).astype(np.float32) ** 4, (0, 0), 1.0).astype(np.float64)
+    b = top_mass_box(m, (12, 12), 0.2)
+    target = 0.2 * m.sum()
+    assert box_mass(m, b) >= target * (1 - 1e-6)
+    smallest = min(bh * bw for bh in range(1, 13) for bw in range(1, 13) for y in range(13 - bh) for x in range(13 - bw)
+                   if m[y: y + bh, x: x + bw].sum() >= target * (1 - 1e-6))
+    assert b.width * b.height == smallest
+    peaks = np.zeros((32, 32), np.float32)
+    peaks[2:6, 2:6], peaks[26:30, 26:30] = 1.0, 0.6  # 62 % and 38 % of the mass, far apart
+    hot = top_mass_box(peaks, (32, 32), 0.2)
+    assert 2 <= hot.x and hot.x + hot.width <= 6 and 2 <= hot.y and hot.y + hot.height <= 6
 
 
 def test_cam_map_is_relu_scaled_and_cuts_the_letterbox_pad():
