@@ -58,8 +58,9 @@ RANDOM_BOXES = 10
 def torch_model_from_onnx(onnx_path: Path):
     """CXRNet with the ONNX graph's (BatchNorm-folded) conv weights and biases; BatchNorm set to the identity.
 
-    The conv strides are read from the graph too, so a model trained with train.py --final-stride 1 (8x8 final
-    grid, 1.1.0) and one with the default (4x4, 1.0.0) are both rebuilt as they were exported."""
+    The conv strides and depthwise kernel sizes are read from the graph too, so a model trained with train.py
+    --final-stride 1 --spatial-blocks 6 (8x8 final grid, local evidence) and one with the defaults (4x4, 1.0.0)
+    are both rebuilt as they were exported."""
     import onnx
     import torch
     from onnx import numpy_helper
@@ -69,7 +70,11 @@ def torch_model_from_onnx(onnx_path: Path):
     graph = onnx.load(str(onnx_path)).graph
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     convs = [n for n in graph.node if n.op_type == "Conv" and not n.name.startswith("cam_")]
-    model = CXRNet().eval()
+    # Depthwise kernels from the graph too: train.py --spatial-blocks N keeps 3x3 in the first N blocks, 1x1 after.
+    depthwise = [inits[n.input[1]].shape[-1] for n in convs
+                 if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    spatial_blocks = None if all(k == 3 for k in depthwise) else sum(1 for k in depthwise if k == 3)
+    model = CXRNet(spatial_blocks=spatial_blocks).eval()
     mods = list(model.features.modules())
     pairs = [(c, b) for c, b in zip(mods, mods[1:])
              if isinstance(c, torch.nn.Conv2d) and isinstance(b, torch.nn.BatchNorm2d)]

@@ -24,7 +24,7 @@ import training_common as tc  # noqa: E402  (also puts the repo root on sys.path
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from cxr_net import CXRNet  # noqa: E402
+from cxr_net import CXRNet, receptive_field  # noqa: E402
 from edge_runtime.imaging.preprocess import PreprocessSpec, prepare  # noqa: E402
 from quantize.datasets import CXR_LABELS, cxr_items_with_groups, load_display_image  # noqa: E402
 
@@ -154,6 +154,8 @@ def main() -> None:
     # test of the class activation map meaningful (the fill is no evidence, P does not saturate).
     ap.add_argument("--final-stride", type=int, default=2, choices=(1, 2),
                     help="first stride of the last stage: 2 = 4x4 final grid at 128 px (1.0.0), 1 = 8x8")
+    ap.add_argument("--spatial-blocks", type=int, default=None,
+                    help="blocks keeping a 3x3 depthwise conv, the rest 1x1 (cxr_net.receptive_field); default all")
     ap.add_argument("--erase-p", type=float, default=0.0, help="random erasing with the image-mean fill, probability")
     ap.add_argument("--erase-area", type=float, nargs=2, default=(0.02, 0.25), help="erased box area fraction range")
     ap.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
@@ -170,7 +172,7 @@ def main() -> None:
            f"val {len(val['labels'])} ({np.bincount(val['labels'])[0]} / {np.bincount(val['labels'])[1]}, "
            f"{len(set(val['groups']))} patients); class weights {class_w.tolist()}")
 
-    model = CXRNet(final_stride=args.final_stride)
+    model = CXRNet(final_stride=args.final_stride, spatial_blocks=args.spatial_blocks)
     n_params = tc.count_params(model)
     tc.log(f"CXRNet params {n_params}")
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=5e-4)
@@ -332,6 +334,7 @@ def main() -> None:
             "created": tc.today(),
             "epochs": args.epochs,
             "final_stride": args.final_stride,
+            **({"spatial_blocks": args.spatial_blocks} if args.spatial_blocks is not None else {}),
             "erase_p": args.erase_p,
             "erase_area": list(args.erase_area),
             "label_smoothing": args.label_smoothing,
@@ -343,6 +346,12 @@ def main() -> None:
     (args.out / "CARD.md").write_text(card(manifest, metrics, history, args, n_params, onnx_path, best["epoch"], train_minutes, thr,
                                            model.cfg))
     tc.log(f"wrote {args.out / 'manifest.toml'} and CARD.md; total wall {wall() / 60:.1f} min")
+
+
+def spatial_line(cfg, spatial_blocks) -> str:
+    rf, stride = receptive_field(cfg, spatial_blocks)
+    kept = "every block a 3x3 depthwise conv" if spatial_blocks is None else f"3x3 depthwise in the first {spatial_blocks} blocks, 1x1 after"
+    return f"{kept}: each final cell sees {rf} px of the input at stride {stride}"
 
 
 def card(manifest, m, history, args, n_params, onnx_path, best_epoch, train_minutes, thr, cfg) -> str:
@@ -381,7 +390,7 @@ threshold favours sensitivity (>= 0.95 on validation); about {1 - m['val_specifi
 
 ## Architecture
 MobileNetV2-style CNN: 3x3 stride-2 stem (24), inverted-residual blocks {cfg} (expand, channels,
-repeats, stride; final grid {SIZE // (16 * args.final_stride)}x{SIZE // (16 * args.final_stride)}), 1x1 conv to 384, global average pool, dropout 0.2, linear 2. ReLU activations, BatchNorm.
+repeats, stride; final grid {SIZE // (16 * args.final_stride)}x{SIZE // (16 * args.final_stride)}; {spatial_line(cfg, args.spatial_blocks)}), 1x1 conv to 384, global average pool, dropout 0.2, linear 2. ReLU activations, BatchNorm.
 {n_params:,} parameters; `{onnx_path.name}` {onnx_path.stat().st_size / 1e6:.1f} MB, ONNX opset 17, static batch 1.
 ORT FP32 (2 intra-op threads, batch 1, 300 runs after warm-up, 2-vCPU build machine): p50 **{m['ort_fp32_p50_ms']:.2f} ms**,
 p90 {m['ort_fp32_p90_ms']:.2f} ms. Max |ORT - torch| logit difference on 16 validation images: {m['ort_max_abs_diff_vs_torch']:.2g}.
