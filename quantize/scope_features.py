@@ -5,8 +5,10 @@ set's. Reading them from the shipped graph itself needs no retraining and no sec
 enough: the classifier's pooled penultimate vector is semantic (it separates normal from pneumonia) and lets
 through 3/4 of fetal ultrasound images, while early feature maps describe texture and contrast and refuse
 them all. So "features" is the concatenation of several stages, each averaged over space: for the chest
-classifier one block per resolution stage plus the penultimate vector, for the U-Net the encoder stages down
-to the bottleneck. Every variant gets the same
+classifier one block per resolution stage, for the U-Net the encoder stages down
+to the bottleneck. Spatial means forget where things are, and the chest classifier 1.1.0 sees only 59 px
+patches (its map is local evidence, issue 15): so it also gets "image@8x8", the input's 8x8 block means (64
+values), the coarse layout that tells a chest film from an ultrasound fan or a photograph. Every variant gets the same
 output (FP32 ONNX, INT8 QDQ ONNX, OpenVINO IR), so the gate works whichever one the budget runs; the first
 output is untouched, so every accuracy figure measured before still holds.
 
@@ -31,7 +33,10 @@ SOURCES = {
         "/features/features.2/body/body.2/body.2.0/Conv_output_0",
         "/features/features.6/body/body.2/body.2.0/Conv_output_0",
         "/features/features.10/Add_output_0",
-        "/Flatten_output_0",
+        # 1.0.0 also had "/Flatten_output_0", the pooled penultimate vector: in 1.1.0 a few rarely firing channels
+        # of it move 6-7 training standard deviations under INT8, so every INT8 input read as out of scope; the
+        # early stages and the layout refuse every negative without it (quantize/scope_fit.py measures it).
+        "image@8x8",
     ),
     "fetal-head": tuple(f"/enc.{i}/enc.{i}.1/enc.{i}.1.2/Relu_output_0" for i in FETAL_STAGES),
 }
@@ -49,9 +54,24 @@ def add_onnx_features(path: Path, tensors: tuple[str, ...]) -> bool:
     graph = model.graph
     if any(o.name == FEATURES for o in graph.output):
         return False
-    produced = {o for n in graph.node for o in n.output}
+    produced = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
     pooled = []
     for i, tensor in enumerate(tensors):
+        if "@" in tensor:  # "<tensor>@<h>x<w>": its channel mean on an h x w grid, a coarse layout of the input
+            name, grid = tensor.split("@")
+            gh, gw = (int(v) for v in grid.split("x"))
+            shape = next(d for d in graph.input if d.name == name).type.tensor_type.shape.dim
+            h, w = shape[2].dim_value, shape[3].dim_value
+            if not h or not w or h % gh or w % gw:
+                raise SystemExit(f"{path}: {name} is {h}x{w}, not divisible into {gh}x{gw}")
+            graph.node.append(helper.make_node("AveragePool", [name], [f"features_grid{i}"], name=f"features_grid{i}",
+                                               kernel_shape=[h // gh, w // gw], strides=[h // gh, w // gw]))
+            graph.node.append(helper.make_node("ReduceMean", [f"features_grid{i}"], [f"features_cmean{i}"],
+                                               name=f"features_cmean{i}", axes=[1], keepdims=1))
+            graph.node.append(helper.make_node("Flatten", [f"features_cmean{i}"], [f"features_{i}"],
+                                               name=f"features_flat{i}"))
+            pooled.append(f"features_{i}")
+            continue
         # In a QDQ graph the float value downstream layers read is the DequantizeLinear output.
         dq = f"{tensor}_DequantizeLinear_Output"
         src = dq if dq in produced else tensor

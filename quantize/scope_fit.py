@@ -101,10 +101,13 @@ def shared_dicoms(data: Path) -> list[Path]:
 def fit_gaussian(train: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
     """Mean and precision of a Ledoit-Wolf fit on standardised features (stages differ in scale by orders of
     magnitude; shrinking towards a scaled identity only makes sense on a common scale), mapped back so the
-    runtime computes the same distance on raw features."""
+    runtime computes the same distance on raw features. A feature (nearly) constant over the training split (a
+    channel no training image drives) gets a floor on its scale, 1 % of the median feature's: without it the
+    rounding of an INT8 variant, 2e-4 on a dead channel, alone read as hundreds of standard deviations."""
     from sklearn.covariance import LedoitWolf
 
-    sd = train.std(axis=0) + 1e-6
+    sd = train.std(axis=0)
+    sd = np.maximum(sd, 0.01 * float(np.median(sd[sd > 0])) if (sd > 0).any() else 1e-6)
     lw = LedoitWolf().fit(train / sd)
     return lw.location_ * sd, lw.precision_ / np.outer(sd, sd), float(lw.shrinkage_)
 
