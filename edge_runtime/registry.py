@@ -229,6 +229,9 @@ def parse_manifest(path: Path) -> ModelManifest:
     std = pre.list_of("std", float, (1.0,) * n_ch)
     if len(mean) != n_ch or len(std) != n_ch or any(s <= 0 for s in std):
         raise ConfigError(str(path), f"keys 'preprocessing.mean'/'std' need {n_ch} value(s), std > 0")
+    decode_margin = pre.get("decode_margin", float, 2.0)
+    if not 2.0 <= decode_margin <= 64.0:
+        raise ConfigError(str(path), f"key 'preprocessing.decode_margin' must be 2 to 64, got {decode_margin}")
     preprocess = PreprocessSpec(
         height=shape[2],
         width=shape[3],
@@ -237,6 +240,7 @@ def parse_manifest(path: Path) -> ModelManifest:
         interpolation=pre.get("interpolation", str, "area", tuple(INTERPOLATIONS)),
         mean=mean,
         std=std,
+        decode_margin=decode_margin,
     )
     out = r.sub("output")
     output = OutputSpec(

@@ -32,6 +32,10 @@ class PreprocessSpec:
     interpolation: str = "area"
     mean: tuple[float, ...] = (0.0,)
     std: tuple[float, ...] = (1.0,)
+    # The least reduced-decode margin this model's output tolerates (manifest preprocessing.decode_margin): a decoder
+    # keeps at least this many times the final resize's output on each side, whatever imaging.reduced_decode_margin
+    # says (cxr-pneumonia 1.1.0 reads 59 px patches and needs 4: BENCHMARKS.md, "Radiographs inside their budget").
+    decode_margin: float = 2.0
 
     @property
     def n_channels(self) -> int:
@@ -105,7 +109,7 @@ def prepare(image: np.ndarray, spec: PreprocessSpec) -> tuple[np.ndarray, Resize
 
 def decode_hint(spec: PreprocessSpec, margin: float = 2.0):
     """What a decoder may shrink an image to for this model: at least `margin` (>= 2) times the final resize's
-    output on each side (imaging.resolution.DecodeHint)."""
+    output on each side, and at least the model's own spec.decode_margin (imaging.resolution.DecodeHint)."""
     from edge_runtime.imaging.resolution import DecodeHint
 
-    return DecodeHint(spec.height, spec.width, spec.resize, margin)
+    return DecodeHint(spec.height, spec.width, spec.resize, max(margin, spec.decode_margin))
