@@ -188,7 +188,7 @@ def _draw_box(img: np.ndarray, box: Box, scale: float) -> None:
 # ---------------------------------------------------------------- explanations
 def cam_explanation(image: np.ndarray, cam: np.ndarray, geometry: ResizeGeometry, model_hw: tuple[int, int],
                     label: str, top_mass: float = 0.2) -> dict[str, Any]:
-    """Explanation of a classification from one class's activation map (feature resolution, e.g. 4x4)."""
+    """Explanation of a classification from one class's activation map (feature resolution, e.g. 8x8)."""
     image_hw = image.shape[:2]
     m = cam_to_image(cam, geometry, model_hw, image_hw)
     box = top_mass_box(m, image_hw, top_mass)

@@ -5,7 +5,7 @@ so the map M_c[h,w] = sum_k W[c,k] F_k[h,w] is exactly the per-position share of
 spatial mean plus the bias is the logit. Grad-CAM on the logit of such a network gives the same map: d logit_c /
 d F_k[h,w] = W[c,k] / (H W), so Grad-CAM = ReLU(M_c) / (H W), equal after normalisation. Autograd cannot be exported
 to ONNX, but this map needs none: it is one 1x1 convolution with the classifier's own weights on the final feature
-maps, computed in the graph at the cost of a 384 -> 2 channel 1x1 conv on a 4x4 map.
+maps, computed in the graph at the cost of a 384 -> 2 channel 1x1 conv on the final grid (8x8 for cxr-pneumonia 1.1.0).
 
 The surgery reuses the graph's tensors (no weights are copied: the Gemm's weight, or in a QDQ graph its
 DequantizeLinear output, is reshaped to a [C, K, 1, 1] kernel), and it only adds nodes, so the logit path is

@@ -4,7 +4,6 @@ for every file: a finding or a one-line reason, the processes alive, peak RSS. U
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal

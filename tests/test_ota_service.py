@@ -26,7 +26,7 @@ from edge_runtime.ota.store import ModelStore
 from edge_runtime.service import Service
 
 pytestmark = [needs_shared, needs_mosquitto]
-MODEL = "cxr-pneumonia"
+MODEL = "cxr-pneumonia"  # bundles of it as 2.x versions: newer than the shipped one (1.1.0), so installs upgrade
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def site(tmp_path, broker):
         f'[[sources]]\nname = "xray"\nkind = "dicom-folder"\nmodel = "{MODEL}"\ninbox = "{inbox}"\n')
     s = {"tmp": tmp_path, "private": private, "public": public, "config": config, "inbox": inbox,
          "metrics": metrics, "broker": broker, "n": 0}
-    assert edge(s, "install", str(bundle_of(s, "1.0.0"))).returncode == 0
+    assert edge(s, "install", str(bundle_of(s, "2.0.0"))).returncode == 0
     return s
 
 
@@ -164,31 +164,31 @@ def test_a_published_bundle_is_used_without_a_restart_and_bad_ones_are_refused(s
     try:
         service = daemon()
         first = finding_for(site, drop_study(site))
-        assert first["model"]["version"] == "1.0.0"
+        assert first["model"]["version"] == "2.0.0"
 
-        publish(site, bundle_of(site, "1.1.0"), chunk=1 << 20)  # ~5.6 MB: 6 messages
-        status = last_event(capture, "activated", "1.1.0")
-        wait_until(lambda: service.runners[MODEL].manifest.version == "1.1.0", 60, what="the switch to 1.1.0")
-        assert status["models"][MODEL]["active"] == "1.1.0" and status["models"][MODEL]["previous"] == "1.0.0"
+        publish(site, bundle_of(site, "2.1.0"), chunk=1 << 20)  # ~5.6 MB: 6 messages
+        status = last_event(capture, "activated", "2.1.0")
+        wait_until(lambda: service.runners[MODEL].manifest.version == "2.1.0", 60, what="the switch to 2.1.0")
+        assert status["models"][MODEL]["active"] == "2.1.0" and status["models"][MODEL]["previous"] == "2.0.0"
         assert "self-test passed: fp32 on onnxruntime" in status["event"]["reason"]
         for variant in service.runners[MODEL].predictors:  # every variant the daemon runs was self-tested
             assert f"{variant} on onnxruntime" in status["event"]["reason"]
         second = finding_for(site, drop_study(site))
-        assert second["model"]["version"] == "1.1.0"
+        assert second["model"]["version"] == "2.1.0"
         assert service.ready.is_set() and not service.stop_event.is_set()  # no restart
 
-        # A changed file (signature still good, sha256 in the manifest not) -> refused, 1.1.0 keeps running.
+        # A changed file (signature still good, sha256 in the manifest not) -> refused, 2.1.0 keeps running.
         def flip(items):
             return [(i, d[:100] + bytes([d[100] ^ 0xFF]) + d[101:] if i.name.endswith("fp32.onnx") else d)
                     for i, d in items]
-        tampered = rewrite(bundle_of(site, "1.2.0"), site["tmp"] / "tampered.bundle", flip)
+        tampered = rewrite(bundle_of(site, "2.2.0"), site["tmp"] / "tampered.bundle", flip)
         raw_publish(site, tampered.read_bytes(), "edge/v1/clinic/models/bundle")  # the site topic
-        refused = last_event(capture, "refused", "1.2.0")
+        refused = last_event(capture, "refused", "2.2.0")
         assert "changed file: cxr-pneumonia-fp32.onnx" in refused["event"]["reason"]
         assert "\n" not in refused["event"]["reason"]
 
-        # Expected outputs that this device does not reproduce -> the self-test fails, 1.1.0 keeps running.
-        good = bundle_of(site, "1.3.0")
+        # Expected outputs that this device does not reproduce -> the self-test fails, 2.1.0 keeps running.
+        good = bundle_of(site, "2.3.0")
         vb = bundles.verify(good, site["public"])
         dest = site["tmp"] / "vectors"
         bundles.unpack(vb, dest)
@@ -196,26 +196,26 @@ def test_a_published_bundle_is_used_without_a_restart_and_bad_ones_are_refused(s
             arrays = {k: (z[k] + 0.5 if k.startswith("out_") else z[k]) for k in z.files}
         buf = io.BytesIO()
         np.savez(buf, **arrays)
-        publish(site, bundle_of(site, "1.3.0", vectors=buf.getvalue()))
-        failed = last_event(capture, "failed", "1.3.0")
+        publish(site, bundle_of(site, "2.3.0", vectors=buf.getvalue()))
+        failed = last_event(capture, "failed", "2.3.0")
         assert "self-test failed" in failed["event"]["reason"]
-        assert failed["models"][MODEL]["active"] == "1.1.0"
-        assert service.runners[MODEL].manifest.version == "1.1.0"
+        assert failed["models"][MODEL]["active"] == "2.1.0"
+        assert service.runners[MODEL].manifest.version == "2.1.0"
         third = finding_for(site, drop_study(site))
-        assert third["model"]["version"] == "1.1.0"
+        assert third["model"]["version"] == "2.1.0"
 
         report = status_report(f"http://127.0.0.1:{site['metrics']}/metrics")
-        assert report["model_updates"][MODEL]["active"] == "1.1.0"
+        assert report["model_updates"][MODEL]["active"] == "2.1.0"
         assert report["model_updates"][MODEL]["result"] == "failed"
         line = next(t for t in render_status(report) if t.startswith(f"model {MODEL}:"))
-        assert "active 1.1.0, previous 1.0.0" in line and "last failed 1.3.0: self-test failed" in line, line
+        assert "active 2.1.0, previous 2.0.0" in line and "last failed 2.3.0: self-test failed" in line, line
         retained = [r for t, _, r in capture.messages if t.endswith("/models/status")]
         assert retained  # published with retain (the capture was subscribed before: it sees retain=False
         # on live delivery, so check the broker kept one for a newcomer instead)
         late = Capture(site["broker"].port, "edge/v1/clinic/scanner-1/models/status")
         try:
             got = wait_until(lambda: late.messages, 10, what="the retained status")
-            assert got[0][2] is True and json.loads(got[0][1])["models"][MODEL]["active"] == "1.1.0"
+            assert got[0][2] is True and json.loads(got[0][1])["models"][MODEL]["active"] == "2.1.0"
         finally:
             late.close()
     finally:
@@ -224,13 +224,13 @@ def test_a_published_bundle_is_used_without_a_restart_and_bad_ones_are_refused(s
 
 def test_health_rule_rolls_a_new_version_back_and_a_version_that_does_not_load_is_not_kept(site, daemon):
     service = daemon()
-    assert edge(site, "install", str(bundle_of(site, "1.1.0"))).returncode == 0  # by hand, daemon running
+    assert edge(site, "install", str(bundle_of(site, "2.1.0"))).returncode == 0  # by hand, daemon running
 
     def switched() -> bool:  # the supervisor notices the new link and the agent switches to it
         service.supervise_once()
-        return service.runners[MODEL].manifest.version == "1.1.0"
+        return service.runners[MODEL].manifest.version == "2.1.0"
     wait_until(switched, 60, interval=0.2, what="the switch to the version installed by hand")
-    assert service.ota.health.watching(MODEL) == "1.1.0"  # on probation like one from the hub
+    assert service.ota.health.watching(MODEL) == "2.1.0"  # on probation like one from the hub
 
     def broken(frame):
         raise RuntimeError("engine fault on the new version")
@@ -239,19 +239,19 @@ def test_health_rule_rolls_a_new_version_back_and_a_version_that_does_not_load_i
         drop_study(site)
     def rolled() -> bool:
         service.supervise_once()
-        return service.runners[MODEL].manifest.version == "1.0.0"
-    wait_until(rolled, 120, interval=0.5, what="the rollback to 1.0.0")
+        return service.runners[MODEL].manifest.version == "2.0.0"
+    wait_until(rolled, 120, interval=0.5, what="the rollback to 2.0.0")
     st = ModelStore(site["tmp"] / "state").state(MODEL)
-    assert st.active == "1.0.0" and "1.1.0" in st.rolled_back and "2 worker errors" in st.last["reason"]
+    assert st.active == "2.0.0" and "2.1.0" in st.rolled_back and "2 worker errors" in st.last["reason"]
     assert service.ready.is_set()
     service.stop()
 
     # A version whose file was damaged on disk does not load at start-up: rolled back, the daemon starts.
-    assert edge(site, "install", str(bundle_of(site, "1.2.0"))).returncode == 0
-    onnx = site["tmp"] / "state" / "models" / "versions" / MODEL / "1.2.0" / "cxr-pneumonia-fp32.onnx"
+    assert edge(site, "install", str(bundle_of(site, "2.2.0"))).returncode == 0
+    onnx = site["tmp"] / "state" / "models" / "versions" / MODEL / "2.2.0" / "cxr-pneumonia-fp32.onnx"
     onnx.write_bytes(onnx.read_bytes()[:-10])
     service = daemon()
-    assert service.runners[MODEL].manifest.version == "1.0.0"
+    assert service.runners[MODEL].manifest.version == "2.0.0"
     st = ModelStore(site["tmp"] / "state").state(MODEL)
     assert "failed to load at start-up" in st.last["reason"] and "sha256 mismatch" in st.last["reason"]
 
@@ -277,7 +277,7 @@ def test_a_daemon_killed_half_way_through_receiving_a_bundle_finishes_it_after_a
     proc = run(halt)
     try:
         wait_until(lambda: ready(proc), 90, interval=0.2, what="the daemon ready")
-        publish(site, bundle_of(site, "1.1.0"), chunk=512 << 10)  # 11 messages
+        publish(site, bundle_of(site, "2.1.0"), chunk=512 << 10)  # 11 messages
         assert proc.wait(120) == -signal.SIGKILL
     finally:
         if proc.poll() is None:
@@ -285,17 +285,17 @@ def test_a_daemon_killed_half_way_through_receiving_a_bundle_finishes_it_after_a
             proc.wait()
         proc.stderr.close()
     store = ModelStore(site["tmp"] / "state")
-    assert store.linked_version(MODEL) == "1.0.0"  # still the old version, whole
+    assert store.linked_version(MODEL) == "2.0.0"  # still the old version, whole
     held = [p for d in store.incoming_dir.iterdir() if d.is_dir() for p in d.glob("*.part")]
     assert 0 < len(held) < 11  # half a bundle on disk
     proc = run(None)
     try:
         # The rest of the chunks were queued by the broker for the device's persistent session.
-        wait_until(lambda: store.linked_version(MODEL) == "1.1.0", 120, interval=0.2, what="1.1.0 active")
+        wait_until(lambda: store.linked_version(MODEL) == "2.1.0", 120, interval=0.2, what="2.1.0 active")
         name = drop_study(site)
         wait_until(lambda: next((f for f in findings(site) if f["source"]["name"] == name), None), 90,
                    what="a finding after the restart")
-        assert next(f for f in findings(site) if f["source"]["name"] == name)["model"]["version"] == "1.1.0"
+        assert next(f for f in findings(site) if f["source"]["name"] == name)["model"]["version"] == "2.1.0"
         assert not any(store.jobs_dir.iterdir()) and not any(store.staging_dir.iterdir())
     finally:
         proc.send_signal(signal.SIGTERM)

@@ -13,6 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, needs_shared
 
 from edge_runtime.heads.geometry import ramanujan_perimeter
 from edge_runtime.registry import ModelRegistry, parse_manifest, verify_variant
@@ -563,3 +564,36 @@ def test_card_section_is_inserted_once_and_replaced(qenv, tmp_path):
     assert card.count("## INT8 variants") == 1 and card.index("## INT8 variants") < card.index("## Known failure modes")
     assert "| `int8-qdq` | `tiny-conv-int8-qdq.onnx` | onnxruntime |" in card and "## Validation\nnumbers" in card
     assert "- `refused tiny-conv int8-qdq/openvino: p50 ...`" in card and card.endswith("- many\n")
+
+
+# ---------------------------------------------------------------- the same outputs at a capped instruction set
+def test_isa_compare_reports_each_outputs_difference(tmp_path):
+    from quantize.isa_check import compare
+
+    a = np.stack([np.array([[1.0, 2.0]]), np.array([[4.0, -8.0]])])
+    b = a.copy()
+    b[1, 0, 1] = -7.0  # one value of the second input off by 1 (1/8 of its largest)
+    np.savez(tmp_path / "a.npz", **{"0": a}, names=np.array(["logits"]))
+    np.savez(tmp_path / "b.npz", **{"0": b}, names=np.array(["logits"]))
+    r = compare(tmp_path / "a.npz", tmp_path / "b.npz")
+    assert r["inputs"] == 2
+    assert r["logits"]["max_abs_diff"] == 1.0 and r["logits"]["max_rel_diff"] == pytest.approx(1 / 8)
+    assert r["logits"]["median_rel_diff"] == pytest.approx(1 / 16)  # (0 + 1/8) / 2
+
+
+@needs_shared
+def test_shipped_cxr_int8_gives_the_same_outputs_on_avx2_kernels(capsys):
+    """cxr-pneumonia 1.1.0's int8-qdq has 7-bit weights, so OpenVINO's AVX2 INT8 kernels (16-bit saturating sums)
+    compute what the VNNI ones do: bit-identical (its 1.0.0 file moved logits by 0.56 here; BENCHMARKS.md). On a CPU
+    that has only AVX2 both runs use the same kernels and this checks only the tool."""
+    import json
+
+    from quantize.isa_check import main
+
+    folder = ModelRegistry().get("cxr-pneumonia").folder
+    assert main([str(folder), "--variant", "int8-qdq", "--data", str(SHARED_DATA / "cxr-kermany"),
+                 "--dataset", "cxr-kermany", "--every", "50"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["inputs"] >= 20 and report["capped_isa"] == "AVX2"
+    for name in ("logits", "features", "cam"):
+        assert report[name]["max_abs_diff"] == 0.0, (name, report[name])

@@ -110,8 +110,11 @@ def test_ed25519_signature(models_root, tmp_path):
 
 
 def test_a_variant_that_needs_a_cpu_capability_is_refused_where_the_cpu_lacks_it(tmp_path, monkeypatch):
-    """cxr-pneumonia's int8-qdq needs VNNI on OpenVINO: without it the daemon's fall-back rule gives fp32 and an
-    explicit --precision int8 is one line naming what is missing."""
+    """A QDQ graph with full-range 8-bit weights needs VNNI on OpenVINO (cxr-pneumonia 1.0.0's int8-qdq did; 1.1.0's
+    has 7-bit weights and needs nothing): without it the daemon's fall-back rule gives fp32 and an explicit
+    --precision int8 is one line naming what is missing."""
+    import shutil
+
     import edge_runtime.engines.cpu as cpu
     from edge_runtime.errors import ConfigError, EdgeError
     from edge_runtime.registry import ModelRegistry
@@ -119,7 +122,15 @@ def test_a_variant_that_needs_a_cpu_capability_is_refused_where_the_cpu_lacks_it
     assert cpu.missing(("vnni",), frozenset({"avx2", "fma"})) == ["vnni"]
     assert cpu.missing(("vnni",), frozenset({"avx2", "avx512_vnni"})) == []
     assert cpu.missing(("vnni",), frozenset({"amx_int8"})) == []
-    manifest = ModelRegistry().get("cxr-pneumonia")
+    shipped = ModelRegistry().get("cxr-pneumonia")
+    assert all(not v.cpu_requires for v in shipped.variants)
+    folder = tmp_path / "models" / "cxr-pneumonia"
+    shutil.copytree(shipped.folder, folder)
+    text = (folder / "manifest.toml").read_text()
+    assert text.count("\n[training]\n") == 1 and text.rfind("[[variants]]") < text.index("[training]")
+    (folder / "manifest.toml").write_text(  # the last variant is int8-qdq: its own sub-table
+        text.replace("\n[training]\n", '\n[variants.cpu_requires]\nopenvino = ["vnni"]\n\n[training]\n'))
+    manifest = ModelRegistry([tmp_path / "models"]).get("cxr-pneumonia")
     v = next(v for v in manifest.variants if v.id == "int8-qdq")
     assert v.cpu_requires == {"openvino": ("vnni",)}
     for flags, runs in ((frozenset({"avx2"}), False), (frozenset({"avx2", "avx_vnni"}), True)):
@@ -135,7 +146,7 @@ def test_a_variant_that_needs_a_cpu_capability_is_refused_where_the_cpu_lacks_it
     from edge_runtime.registry import parse_manifest
 
     text = (v.path.parent / "manifest.toml").read_text()
-    for bad in ('openvino = ["avx9"]', 'onnxruntime = ["vnni"]'):
+    for bad in ('openvino = ["avx9"]', 'tensorrt = ["vnni"]'):
         (tmp_path / "manifest.toml").write_text(text.replace('openvino = ["vnni"]', bad))
         with pytest.raises(ConfigError, match="cpu_requires"):
             parse_manifest(tmp_path / "manifest.toml")

@@ -46,6 +46,23 @@ def test_stretch_keeps_twice_the_model_input_on_each_side():
     assert DecodeHint(128, 128, margin=4.0).power_of_two_level(1955, 1841) == 1  # a larger margin keeps more
 
 
+def test_the_models_own_decode_margin_wins_over_a_smaller_configured_one(tmp_path):
+    from edge_runtime.errors import ConfigError
+    from edge_runtime.registry import parse_manifest
+
+    spec = PreprocessSpec(128, 128, decode_margin=4.0)
+    assert decode_hint(spec, 2.0).margin == 4.0 and decode_hint(spec, 8.0).margin == 8.0
+    assert decode_hint(spec).power_of_two_level(1955, 1841) == 1  # not 2, as a 2x margin would give
+    assert decode_hint(PreprocessSpec(128, 128)).margin == 2.0  # a manifest without the key: the configured one
+    manifest = ModelRegistry().get("cxr-pneumonia")
+    assert manifest.preprocess.decode_margin == 4.0  # cxr-pneumonia 1.1.0 (BENCHMARKS.md)
+    text = (manifest.folder / "manifest.toml").read_text()
+    assert "\ndecode_margin = 4.0\n" in text
+    (tmp_path / "manifest.toml").write_text(text.replace("\ndecode_margin = 4.0\n", "\ndecode_margin = 1.5\n"))
+    with pytest.raises(ConfigError, match="decode_margin"):
+        parse_manifest(tmp_path / "manifest.toml")
+
+
 def test_letterbox_counts_the_aspect_kept_inner_image():
     hint = DecodeHint(176, 256, "letterbox")
     assert hint.block_factor(540, 800) == 1  # HC18's own size: the inner image is 256 x 173, no room
@@ -287,7 +304,8 @@ def test_infer_records_the_decode_path_and_can_be_switched_off(tmp_path):
     r = edge("--config", str(on), "infer", "--model", "cxr-pneumonia", "--engine", "onnxruntime", str(CR_CHEST))
     assert r.returncode == 0, r.stderr
     (f,) = findings(r.stdout)
-    assert f["decode"] == {"path": "j2k-level-2", "factor": 4, "size": [489, 461], "full_size": [1955, 1841]}
+    # the configured margin is 2x, the model's manifest asks 4x (preprocessing.decode_margin): JPEG 2000 level 1/2
+    assert f["decode"] == {"path": "j2k-level-1", "factor": 2, "size": [978, 921], "full_size": [1955, 1841]}
     assert f["latency_ms"]["decode"] > 0
     r = edge("--config", str(off), "infer", "--model", "cxr-pneumonia", "--engine", "onnxruntime", str(CR_CHEST))
     assert r.returncode == 0, r.stderr
@@ -312,16 +330,25 @@ def test_jpegls_codec_route_gives_pydicoms_stored_values(name):
 
 
 def test_int8_configured_where_the_model_has_none_runs_its_fp32(tmp_path, caplog):
-    """cxr-pneumonia's INT8 is shipped for OpenVINO only (refused on ONNX Runtime by the paced speed guard): a daemon
-    configured for int8 on ONNX Runtime still reads chest studies, with FP32, and says so."""
+    """An INT8 variant listed for OpenVINO only (as cxr-pneumonia 1.0.0's was, refused on ONNX Runtime by the paced
+    speed guard; 1.1.0's passed it on both): a daemon configured for int8 on ONNX Runtime still reads chest studies,
+    with FP32, and says so."""
+    import shutil
     from types import SimpleNamespace
 
     from edge_runtime.config import Config, DeviceSection, EngineSection
     from edge_runtime.service import ModelRunner
 
+    folder = tmp_path / "models" / "cxr-pneumonia"
+    shutil.copytree(ModelRegistry().get("cxr-pneumonia").folder, folder)
+    text = (folder / "manifest.toml").read_text()
+    int8 = text.index('id = "int8-qdq"')
+    listed = 'engines = ["onnxruntime", "openvino"]'
+    assert text.find(listed, int8) > int8
+    (folder / "manifest.toml").write_text(text[:int8] + text[int8:].replace(listed, 'engines = ["openvino"]', 1))
     config = Config(device=DeviceSection(id="t", site="s", state_dir=str(tmp_path)),
                     engine=EngineSection(kind="onnxruntime", precision="int8", threads=1, warmup_runs=1))
-    service = SimpleNamespace(config=config, registry=ModelRegistry(), engine_kind="onnxruntime")
+    service = SimpleNamespace(config=config, registry=ModelRegistry([tmp_path / "models"]), engine_kind="onnxruntime")
     with caplog.at_level("WARNING", logger="edge_runtime.service"):
         runner = ModelRunner(service, "cxr-pneumonia")
     assert runner.order == ["fp32"]

@@ -67,14 +67,19 @@ def test_cxr_pneumonia_auc_on_fixed_validation_sample(registry):
     normal = evenly([i for i in items if i[1] == 0], 100)
     pneumonia = evenly([i for i in items if i[1] == 1], 100)
     p = predictor(registry, "cxr-pneumonia")
-    labels, scores = [], []
+    labels, scores, refused = [], [], []
     for path, label in normal + pneumonia:
         head = run_file(p, path)
+        if head.result.get("assessed", True) is False:  # the content gate refuses ~0.5 % of validation (CARD.md)
+            refused.append((path.name, head.result["reason"]))
+            continue
         labels.append(label)
         scores.append(head.result["probabilities"]["pneumonia"])
     auc = roc_auc(labels, scores)
     sens, spec = sensitivity_specificity(np.array(labels), np.array(scores), p.manifest.decision.threshold)
-    print(f"cxr-pneumonia on 200 validation images: AUC {auc:.4f}, sensitivity {sens:.3f}, specificity {spec:.3f}")
+    print(f"cxr-pneumonia on 200 validation images: AUC {auc:.4f}, sensitivity {sens:.3f}, specificity {spec:.3f}; "
+          f"refused {len(refused)}")
+    assert len(refused) <= 4, refused  # 2 %: four times the measured rate
     assert auc >= CXR_AUC_FLOOR
     assert sens >= CXR_SENSITIVITY_FLOOR
 
