@@ -28,12 +28,10 @@ ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
 
 
 def _inputs(manifest, data: Path, dataset: str | None, every: int) -> list[np.ndarray]:
-    from edge_runtime.imaging.inputs import open_input
-    from edge_runtime.imaging.preprocess import prepare
-    from quantize.calibration import dataset_samples, folder_samples
+    from quantize.calibration import dataset_samples, display_image, folder_samples, model_input
 
     samples = dataset_samples(data, dataset, "val") if dataset else folder_samples(data, manifest.output.labels)
-    return [prepare(open_input(s.path).frame(0, manifest.windowing), manifest.preprocess)[0] for s in samples[::every]]
+    return [model_input(display_image(s, manifest), manifest)[0] for s in samples[::every]]
 
 
 def run_child(folder: Path, variant: str, data: Path, dataset: str | None, every: int, out: Path) -> None:
@@ -42,8 +40,12 @@ def run_child(folder: Path, variant: str, data: Path, dataset: str | None, every
     from edge_runtime.registry import ModelRegistry
 
     manifest = ModelRegistry([folder.parent]).get(folder.name)
-    v = manifest.variant("openvino", variant) if variant in ("fp32", "int8") else \
-        next(x for x in manifest.variants if x.id == variant)
+    if variant in ("fp32", "int8"):
+        v = manifest.variant("openvino", variant)
+    else:
+        v = next((x for x in manifest.variants if x.id == variant), None)
+        if v is None:
+            raise SystemExit(f"{folder}: no variant {variant!r}; variants: {', '.join(x.id for x in manifest.variants)}")
     engine = load_engine("openvino", v.path, manifest.input.shape, EngineOptions(threads=2))
     outs = [engine.run_all(x) for x in _inputs(manifest, data, dataset, every)]
     np.savez(out, **{f"{k}": np.stack([o[k] for o in outs]) for k in range(len(outs[0]))},
@@ -89,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
                    str(args.data), "--every", str(args.every), "--child", str(outs[tag])]
             if args.dataset:
                 cmd += ["--dataset", args.dataset]
-            subprocess.run(cmd, env=env, check=True)
+            rc = subprocess.run(cmd, env=env).returncode
+            if rc:  # the child printed its reason
+                print(f"isa_check: the {tag} run failed (exit {rc})", file=sys.stderr)
+                return rc
         report = {"model": folder.name, "variant": args.variant, "capped_isa": args.isa, **compare(outs["native"],
                                                                                                  outs["capped"])}
     print(json.dumps(report, indent=2))
